@@ -1,0 +1,350 @@
+"""`family`: build, inspect and serve a family of language models.
+
+Examples:
+  family run                                   build the tiny family from the embedded default corpus
+  family run --until tokenizer                 only the data stages and the tokenizer
+  family run --set pretrain.max_steps=300      change one field; only pretrain and what follows rebuild
+  family run --set dpo.beta=0.2 --dry-run      show what would run and why, run nothing
+  family run --from sft                        force sft and everything downstream to rebuild
+  family run --recipe small --home /data/fam   another recipe, another home
+  family status --json                         every stage's state, fingerprint and headline metrics
+  family show filter                           one stage's artifact: files, config, metrics
+  family sql "select reason, count(*) from excluded group by 1"
+  family ui                                    Prefect UI and MLflow UI on 127.0.0.1 (Ctrl-C stops both)
+
+The home (default ./.family, or FAMILY_HOME, or --home) holds every artifact, the MLflow database
+and the Prefect database. A crashed run resumes where it stopped: run the same command again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from storage.home import Home
+
+LAST_RUN = "last_run.json"
+
+
+def _err(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def _add_common(p: argparse.ArgumentParser, recipe_default: str | None = "tiny") -> None:
+    p.add_argument("--home", help="family home (default: $FAMILY_HOME or ./.family)")
+    p.add_argument("--recipe", default=recipe_default, help="recipe name (flows/recipes/NAME.yaml) or path; default: %(default)s")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.FIELD=VALUE", help="override one config field (repeatable)")
+
+
+def _recipe_args(args: argparse.Namespace, home: Home) -> tuple[str, list[str]]:
+    """Recipe and overrides: as given, else those of the last `family run` in this home."""
+    if args.recipe is None:
+        last = home.state / LAST_RUN
+        if last.exists():
+            d = json.loads(last.read_text())
+            return d["recipe"], (d.get("overrides", []) if not args.overrides else args.overrides)
+        return "tiny", args.overrides
+    return args.recipe, args.overrides
+
+
+def _plan(args: argparse.Namespace, home: Home, **sel: Any):
+    from flows.plan import make_plan
+    from flows.recipe import load_recipe
+
+    recipe_name, overrides = _recipe_args(args, home)
+    recipe = load_recipe(recipe_name, overrides)
+    return recipe, overrides, make_plan(recipe, home, **sel)
+
+
+def _print_plan(plans, recipe) -> None:
+    width = max(len(p.stage) for p in plans)
+    print(f"recipe {recipe.name} ({recipe.path.name}), {sum(p.action == 'run' for p in plans)} of {len(plans)} stages to run", file=sys.stderr)
+    for p in plans:
+        print(f"  {p.action:<4}  {p.stage:<{width}}  {p.fingerprint}  {p.why}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stages.contract import ConfigError
+
+    home = Home.resolve(args.home)
+    try:
+        recipe, overrides, plans = _plan(args, home, force_from=args.from_, only=args.only, until=args.until)
+    except ConfigError as e:
+        return _err(str(e))
+    _print_plan(plans, recipe)
+    if args.dry_run:
+        return 0
+    home.ensure()
+    (home.state / LAST_RUN).write_text(json.dumps({"recipe": str(recipe.path), "overrides": overrides, "time": time.time()}))
+
+    from flows.prefect_env import configure
+
+    configure(home)
+    from flows.family import family_flow
+    from stages.contract import StageError
+
+    t0 = time.perf_counter()
+    try:
+        report = family_flow(
+            recipe=str(recipe.path), overrides=overrides, home=str(home.root),
+            force_from=args.from_, only=args.only, until=args.until, track=not args.no_track,
+        )  # fmt: skip
+    except StageError as e:
+        return _err(str(e), 1)
+    except KeyboardInterrupt:
+        return _err("interrupted; run the same command again to resume", 130)
+    built = [s for s, r in report["stages"].items() if r["status"] == "built"]
+    print(f"done in {time.perf_counter() - t0:.1f} s: {len(built)} built, {len(report['stages']) - len(built)} reused; home {home.root}", file=sys.stderr)
+    print("next: `family status`, `family ui`, `family sql \"select * from docs_clean limit 5\"`", file=sys.stderr)
+    return 0
+
+
+def status_doc(args: argparse.Namespace) -> dict[str, Any]:
+    home = Home.resolve(args.home)
+    recipe, _, plans = _plan(args, home)
+    stages = []
+    for p in plans:
+        pub = p.published
+        stages.append(
+            {
+                "stage": p.stage,
+                "state": p.state,
+                "fingerprint": p.fingerprint,
+                "why": p.why if p.action == "run" else "published, unchanged",
+                "path": str(pub.dir) if pub else None,
+                "metrics": {k: v for k, v in pub.result.get("metrics", {}).items()} if pub else {},
+            }
+        )
+    return {"recipe": recipe.name, "home": str(home.root), "stages": stages}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from stages.contract import ConfigError
+
+    try:
+        doc = status_doc(args)
+    except ConfigError as e:
+        return _err(str(e))
+    if args.json:
+        print(json.dumps(doc, indent=2, default=str))
+        return 0
+    print(f"recipe {doc['recipe']}  home {doc['home']}")
+    width = max(len(s["stage"]) for s in doc["stages"])
+    for s in doc["stages"]:
+        m = s["metrics"]
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:5] if isinstance(v, (int, float)) and k != "stage_seconds")
+        tail = shown if s["state"] == "published" else s["why"]
+        print(f"  {s['state']:<9}  {s['stage']:<{width}}  {s['fingerprint']}  {tail}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from storage.artifacts import ArtifactStore
+
+    home = Home.resolve(args.home)
+    store = ArtifactStore(home)
+    history = store.history(args.stage)
+    if not history:
+        known = ", ".join(store.stages()) or "none yet"
+        return _err(f"no published artifact for stage {args.stage!r} in {home.root} (published stages: {known})")
+    pub = next((p for p in history if p.fingerprint == args.fingerprint), None) if args.fingerprint else history[0]
+    if pub is None:
+        return _err(f"stage {args.stage} has no artifact {args.fingerprint}")
+    res = pub.result
+    if args.json:
+        print(json.dumps({"dir": str(pub.dir), "config": pub.config, "result": res, "manifest": pub.manifest}, indent=2, default=str))
+        return 0
+    print(f"{args.stage} {pub.fingerprint}  {pub.dir}")
+    print(f"built {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(pub.manifest['published_at']))} in {res.get('seconds', 0):.1f} s")
+    print("config:")
+    for k, v in pub.config.get("config", {}).items():
+        print(f"  {k} = {v}")
+    if res.get("metrics"):
+        print("metrics:")
+        for k, v in res["metrics"].items():
+            print(f"  {k} = {v:.6g}" if isinstance(v, (int, float)) else f"  {k} = {v}")
+    print("outputs:")
+    for name, art in pub.artifacts().items():
+        print(f"  {name}: {art.path}")
+    total = sum(f["bytes"] for f in pub.manifest["files"])
+    print(f"files: {len(pub.manifest['files'])} ({total / 1e6:.2f} MB)")
+    if res.get("summary"):
+        print("\n" + res["summary"])
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from storage.catalog import connect, datasets
+
+    home = Home.resolve(args.home)
+    con = connect(home)
+    if not args.query:
+        for name, glob in datasets(home).items():
+            if "__" not in name:
+                print(f"{name:<16} {glob}")
+        return 0
+    try:
+        rel = con.sql(args.query)
+    except duckdb.Error as e:
+        views = ", ".join(v for v in datasets(home) if "__" not in v) or "none (run `family run` first)"
+        return _err(f"{str(e).splitlines()[0]} (views: {views})")
+    if rel is None:
+        return 0
+    if args.format == "json":
+        cols = rel.columns
+        for row in rel.fetchall():
+            print(json.dumps(dict(zip(cols, row)), default=str))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.writer(sys.stdout)
+        w.writerow(rel.columns)
+        w.writerows(rel.fetchall())
+    else:
+        rel.show(max_width=int(os.environ.get("COLUMNS", "160")), max_rows=args.limit)
+    return 0
+
+
+def _free_port(preferred: int) -> int:
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise OSError("no free port")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    home = Home.resolve(args.home).ensure()
+    prefect_port = _free_port(args.prefect_port)
+    mlflow_port = _free_port(args.mlflow_port)
+    env = dict(os.environ, PREFECT_HOME=str(home.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    bin_dir = Path(sys.executable).parent
+    procs = [
+        subprocess.Popen(
+            [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", home.mlflow_uri,
+             "--default-artifact-root", home.mlflow_artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
+            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        ),
+    ]  # fmt: skip
+    prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
+    info = home.prefect_home / "server.json"
+
+    def stop(*_: Any) -> None:
+        info.unlink(missing_ok=True)
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print("starting Prefect server and MLflow UI on 127.0.0.1 ...", file=sys.stderr)
+    try:
+        deadline = time.monotonic() + args.timeout
+        ready: set[str] = set()
+        while len(ready) < 2:
+            for name, url in (("prefect", f"{prefect_url}/api/health"), ("mlflow", f"{mlflow_url}/health")):
+                if name in ready:
+                    continue
+                try:
+                    with urllib.request.urlopen(url, timeout=1) as r:
+                        if r.status == 200:
+                            ready.add(name)
+                except OSError:
+                    pass
+            for p in procs:
+                if p.poll() is not None:
+                    stop()
+                    return _err(f"{Path(p.args[0]).name} exited with code {p.returncode} while starting", 1)
+            if time.monotonic() > deadline:
+                stop()
+                return _err(f"servers not healthy after {args.timeout} s", 1)
+            time.sleep(0.5)
+        info.write_text(json.dumps({"api_url": f"{prefect_url}/api", "mlflow_url": mlflow_url, "pid": os.getpid()}))
+        print(f"Prefect UI  {prefect_url}", flush=True)
+        print(f"MLflow UI   {mlflow_url}", flush=True)
+        print("`family run` in another shell now reports to these servers. Ctrl-C stops both.", file=sys.stderr, flush=True)
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return _err("a server stopped unexpectedly", 1)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr)
+        return 0
+    finally:
+        stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="family", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="build the family (reusing every published stage)", description=cmd_run.__doc__ or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--from", dest="from_", metavar="STAGE", help="force STAGE and everything downstream to rebuild")
+    p.add_argument("--only", metavar="STAGE", help="run only STAGE (its inputs must be built)")
+    p.add_argument("--until", metavar="STAGE", help="run STAGE and what it depends on, nothing after it")
+    p.add_argument("--dry-run", action="store_true", help="print what would run or be reused, and why; run nothing")
+    p.add_argument("--no-track", action="store_true", help="do not record MLflow runs")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="each stage's state, fingerprint and headline metrics")
+    _add_common(p, recipe_default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object: {recipe, home, stages: [...]}")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("show", help="one stage's published artifact")
+    p.add_argument("stage")
+    p.add_argument("--fingerprint", help="an older artifact of the stage (default: newest)")
+    p.add_argument("--home")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("sql", help="query every published dataset with DuckDB", epilog='example: family sql "select reason, count(*) n from excluded group by 1 order by n desc"')
+    p.add_argument("query", nargs="?", help="SQL; with no query, list the views")
+    p.add_argument("--home")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--limit", type=int, default=40, help="rows shown in table format")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("ui", help="Prefect UI and MLflow UI for this home on 127.0.0.1")
+    p.add_argument("--home")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the servers to be healthy")
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.getcwd() not in sys.path:  # a recipe's `modules:` resolve from the current directory, like `python -m`
+        sys.path.insert(0, os.getcwd())
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

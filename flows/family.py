@@ -1,0 +1,398 @@
+"""The family flow: one Prefect task per stage, wired by the recipe's artifact names.
+
+The flow body reads like the plan it executes: compute every fingerprint, open the MLflow parent
+run, then for each stage in order either reuse its published artifact or run it as a task. A task
+holds the stage's lease, opens an MLflow child run, feeds a Prefect progress artifact, runs the
+stage (in process, or under torchrun in its own process group), publishes atomically, and leaves a
+keyed markdown artifact and a link to its MLflow run. A failed stage blocks only what depends on it.
+Retries happen only for network I/O (stages that declare NETWORK); training stages resume from
+their checkpoints instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+
+from flows.plan import StagePlan, make_plan
+from flows.recipe import Recipe, StageSpec, load_recipe
+from stages.contract import StageContext, StageError, StageResult, TqdmProgress, check_result
+from storage.artifacts import Artifact, ArtifactStore, write_json_atomic
+from storage.home import Home
+from storage.tracking import ENV_RUN, ENV_URI, Lineage, MlflowTracker, NullTracker, git_revision
+
+MLFLOW_UI = os.environ.get("FAMILY_MLFLOW_UI", "http://127.0.0.1:5000")
+PROGRESS_EVERY_S = 2.0
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys: lowercase letters, digits and dashes."""
+    raw = "-".join(parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in raw).strip("-")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PrefectProgress:
+    """ctx.progress under Prefect: a progress artifact (throttled) plus a bar on stderr."""
+
+    def __init__(self, stage: str, flow_key: str):
+        self.stage = stage
+        self.bar = TqdmProgress(stage)
+        self.last = 0.0
+        self.id = create_progress_artifact(0.0, key=artifact_key(flow_key, stage, "progress"), description=f"{stage}: starting")
+
+    def __call__(self, done: float, total: float, desc: str = "", **metrics: float) -> None:
+        self.bar(done, total, desc, **metrics)
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S and done < total:
+            return
+        self.last = now
+        pct = 100.0 * min(1.0, done / total) if total else 0.0
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        try:
+            update_progress_artifact(self.id, pct, description=f"{self.stage}: {desc} {done:g}/{total:g} {shown}".strip())
+        except Exception:  # a progress update must never fail a stage
+            pass
+
+
+def is_network_error(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionError, TimeoutError, socket.timeout, socket.gaierror, urllib.error.URLError))
+
+
+def _retry_on_network(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as e:  # noqa: BLE001 - we only inspect the type
+        return is_network_error(e)
+    return False
+
+
+# -- running one stage ---------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    spec: StageSpec
+    plan: StagePlan
+    inputs: dict[str, Artifact]
+    device: str
+    seed: int
+
+
+def _die_with_parent() -> None:
+    """preexec for launched trainers: their own process group, killed if we die (even SIGKILL)."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def run_torchrun(launch: Launch, ctx: StageContext, tracker_run: str | None, tracking_uri: str | None) -> StageResult:
+    """Run the stage under torchrun in its own process group; forward SIGTERM/SIGINT to the group."""
+    work = ctx.run_dir.parent
+    cfg_file, inputs_file = work / "config.in.json", work / "inputs.in.json"
+    cfg_file.write_text(json.dumps(launch.spec.config_json))
+    inputs_file.write_text(json.dumps({k: a.to_json() for k, a in launch.inputs.items()}))
+    progress_file = work / "progress.jsonl"
+    progress_file.unlink(missing_ok=True)
+    env = dict(os.environ, FAMILY_PROGRESS_FILE=str(progress_file), FAMILY_FINGERPRINT=launch.plan.fingerprint)
+    if tracker_run and tracking_uri:
+        env.update({ENV_URI: tracking_uri, ENV_RUN: tracker_run})
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.spec.nproc}",
+        "-m", launch.spec.module_name,
+        "--config", str(cfg_file), "--inputs", str(inputs_file), "--run-dir", str(ctx.run_dir),
+        "--checkpoint-dir", str(ctx.checkpoint_dir), "--state-dir", str(ctx.state_dir),
+        "--device", launch.device, "--seed", str(launch.seed),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        finally:
+            raise SystemExit(128 + signum)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        seen = 0
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if progress_file.exists():
+                lines = progress_file.read_text().splitlines()
+                for line in lines[seen:]:
+                    p = json.loads(line)
+                    ctx.progress(p["done"], p["total"], p.get("desc", ""), **p.get("metrics", {}))
+                seen = len(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if proc.returncode != 0:
+        raise StageError(f"stage {launch.spec.name}: torchrun exited with code {proc.returncode}")
+    return StageResult.from_json(json.loads((work / "result.json").read_text()))
+
+
+def _summary_markdown(stage: str, plan: StagePlan, result: StageResult, published_dir: Path, seconds: float, mlflow_url: str | None) -> str:
+    lines = [f"# {stage}", "", f"fingerprint `{plan.fingerprint}`, built in {seconds:.1f} s", ""]
+    if result.summary:
+        lines += [result.summary, ""]
+    if result.metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in result.metrics.items()]
+        lines.append("")
+    lines += ["| output | path |", "|---|---|"]
+    lines += [f"| {name} | `{published_dir / name}` |" for name in result.outputs]
+    if mlflow_url:
+        lines += ["", f"[MLflow run]({mlflow_url})"]
+    return "\n".join(lines)
+
+
+@task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, persist_result=False)
+def stage_task(
+    stage: str,
+    recipe_path: str,
+    overrides: list[str],
+    home_dir: str,
+    inputs: dict[str, dict[str, Any]],
+    parent_run: str | None,
+    force: bool,
+    flow_key: str,
+) -> dict[str, Any]:
+    home = Home.resolve(home_dir)
+    recipe = load_recipe(recipe_path, overrides)
+    spec = recipe.stages[stage]
+    plan = next(p for p in make_plan(recipe, home) if p.stage == stage)
+    store = ArtifactStore(home)
+    logger = get_run_logger()
+    device = resolve_device(recipe.device)
+    artifacts = {k: Artifact.from_json(v) for k, v in inputs.items()}
+
+    with store.lease(stage, plan.fingerprint) as work:
+        published = store.published(stage, plan.fingerprint)
+        if published is not None and not force:  # another run finished it while we waited
+            return {"stage": stage, "status": "reused", "outputs": {k: a.to_json() for k, a in published.artifacts().items()}, "metrics": published.result.get("metrics", {})}
+
+        run_dir, ckpt_dir = work / "out", work / "ckpt"
+        state_dir = home.state / stage
+        for d in (run_dir, ckpt_dir, state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        (work / "failed.json").unlink(missing_ok=True)
+
+        lineage, tracker, run_url = None, NullTracker(), None
+        if parent_run:
+            lineage = Lineage(home.mlflow_uri, home.mlflow_artifacts, recipe.experiment)
+            ctxp = get_run_context()
+            tracker = lineage.start_child(
+                parent_run,
+                stage,
+                {
+                    "fingerprint": plan.fingerprint,
+                    "recipe": recipe.name,
+                    "prefect.flow_run_id": str(getattr(ctxp.task_run, "flow_run_id", "")),
+                    "prefect.task_run_id": str(ctxp.task_run.id),
+                    "git": git_revision(Path(__file__).parent),
+                    "resumed": str(any(ckpt_dir.iterdir())),
+                },
+            )
+            tracker.log_params(spec.config_json)
+            run_url = lineage.run_url(MLFLOW_UI, tracker.run_id)
+            create_link_artifact(run_url, link_text=f"MLflow run of {stage}", key=artifact_key(flow_key, stage, "mlflow"))
+
+        ctx = StageContext(
+            stage=stage,
+            run_dir=run_dir,
+            checkpoint_dir=ckpt_dir,
+            state_dir=state_dir,
+            tracker=tracker,
+            progress=PrefectProgress(stage, flow_key),
+            device=device,
+            seed=recipe.seed,
+            fingerprint=plan.fingerprint,
+            logger=logger,
+        )
+        t0 = time.perf_counter()
+        try:
+            if spec.nproc > 1:
+                result = run_torchrun(
+                    Launch(spec, plan, artifacts, device, recipe.seed), ctx,
+                    tracker.run_id if isinstance(tracker, MlflowTracker) else None, home.mlflow_uri,
+                )  # fmt: skip
+            else:
+                result = spec.module.run(spec.config, artifacts, ctx)
+            check_result(spec.module, result, run_dir)
+        except BaseException as e:
+            write_json_atomic(work / "failed.json", {"error": f"{type(e).__name__}: {e}" if not isinstance(e, StageError) else str(e), "time": time.time()})
+            if lineage is not None:
+                tracker.set_tags({"error": str(e)[:500]})
+                lineage.end(tracker.run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            raise
+        seconds = time.perf_counter() - t0
+        result.metrics.setdefault("stage_seconds", seconds)
+
+        config_doc = {"stage": stage, "module": spec.module_name, "config": spec.config_json, **plan.fingerprint_doc}
+        pub = store.publish(
+            stage,
+            plan.fingerprint,
+            run_dir,
+            outputs=result.outputs,
+            config=config_doc,
+            result={**result.to_json(), "seconds": seconds, "mlflow_run_id": getattr(tracker, "run_id", None)},
+            upstream=plan.inputs,
+        )
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        for f in ("config.in.json", "inputs.in.json", "progress.jsonl", "result.json"):
+            (work / f).unlink(missing_ok=True)
+
+        md = _summary_markdown(stage, plan, result, pub.dir, seconds, run_url)
+        create_markdown_artifact(md, key=artifact_key(flow_key, stage), description=f"{stage} ({plan.fingerprint})")
+        for name, rows in result.tables.items():
+            if rows:
+                create_table_artifact(rows, key=artifact_key(flow_key, stage, name), description=f"{stage}: {name}")
+        if lineage is not None:
+            tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+            tracker.log_dict(pub.manifest, "manifest.json")
+            if result.summary:
+                tracker.log_text(md, "summary.md")
+            lineage.end(tracker.run_id)
+        logger.info("%s published at %s in %.1f s", stage, pub.dir, seconds)
+        return {"stage": stage, "status": "built", "seconds": seconds, "outputs": {k: a.to_json() for k, a in pub.artifacts().items()}, "metrics": result.metrics}
+
+
+# -- the flow ------------------------------------------------------------------------------------
+
+
+def _echo(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@flow(name="family", flow_run_name="{recipe}", log_prints=False, validate_parameters=False)
+def family_flow(
+    recipe: str = "tiny",
+    overrides: list[str] | None = None,
+    home: str | None = None,
+    force_from: str | None = None,
+    only: str | None = None,
+    until: str | None = None,
+    track: bool = True,
+) -> dict[str, Any]:
+    """Build (or reuse) every stage of a recipe. Parameters mirror `family run`."""
+    overrides = list(overrides or [])
+    h = Home.resolve(home).ensure()
+    rcp: Recipe = load_recipe(recipe, overrides)
+    plans = make_plan(rcp, h, force_from=force_from, only=only, until=until)
+    store = ArtifactStore(h)
+    flow_key = artifact_key(rcp.name)
+
+    lineage, parent = None, None
+    to_run = [p for p in plans if p.action == "run"]
+    if track:
+        lineage = Lineage(h.mlflow_uri, h.mlflow_artifacts, rcp.experiment)
+        fr = get_run_context().flow_run
+        parent = lineage.start_parent(
+            f"{rcp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            {"recipe": rcp.name, "prefect.flow_run_id": str(fr.id), "git": git_revision(Path(__file__).parent),
+             "overrides": " ".join(overrides), "stages_to_run": ",".join(p.stage for p in to_run)},
+        )  # fmt: skip
+
+    outputs: dict[str, dict[str, Any]] = {}
+    report: dict[str, Any] = {"recipe": rcp.name, "home": str(h.root), "stages": {}}
+    blocked: set[str] = set()
+    failures: list[str] = []
+    t_flow = time.perf_counter()
+    try:
+        for p in plans:
+            spec = rcp.stages[p.stage]
+            if p.action in ("skip", "out"):
+                pub = p.published or store.published(p.stage, p.fingerprint)
+                if pub is not None:
+                    outputs.update({k: a.to_json() for k, a in pub.artifacts().items()})
+                if p.action == "skip":
+                    report["stages"][p.stage] = {"status": "reused", "fingerprint": p.fingerprint}
+                    _echo(f"  = {p.stage:<10} reused {p.fingerprint}")
+                continue
+            if any(rcp.producers[i] in blocked for i in spec.inputs):
+                blocked.add(p.stage)
+                report["stages"][p.stage] = {"status": "blocked"}
+                _echo(f"  - {p.stage:<10} blocked by a failed upstream stage")
+                continue
+            _echo(f"  > {p.stage:<10} running ({p.why})")
+            task_fn = stage_task.with_options(
+                tags=["gpu"] if spec.gpu else [],
+                retries=2 if spec.network else 0,
+                retry_delay_seconds=[5, 30],
+                retry_condition_fn=_retry_on_network if spec.network else None,
+            )
+            try:
+                res = task_fn(
+                    p.stage, str(rcp.path), overrides, str(h.root),
+                    {i: outputs[i] for i in spec.inputs}, parent, p.why.startswith("forced"), flow_key,
+                )  # fmt: skip
+            except StageError as e:
+                failures.append(str(e))
+                blocked.add(p.stage)
+                report["stages"][p.stage] = {"status": "failed", "error": str(e)}
+                _echo(f"  x {p.stage:<10} failed: {e}")
+                continue
+            except Exception as e:  # internal error: keep the traceback in the logs, go on with other branches
+                failures.append(f"stage {p.stage}: {type(e).__name__}: {e}")
+                blocked.add(p.stage)
+                report["stages"][p.stage] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                _echo(f"  x {p.stage:<10} failed: {type(e).__name__}: {e}")
+                get_run_logger().error(traceback.format_exc())
+                continue
+            outputs.update(res["outputs"])
+            report["stages"][p.stage] = {"status": "built", "seconds": res.get("seconds"), "fingerprint": p.fingerprint}
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in list(res["metrics"].items())[:6] if isinstance(v, (int, float)))
+            _echo(f"  + {p.stage:<10} built in {res.get('seconds', 0):.1f} s  {shown}")
+    except BaseException:
+        if lineage is not None:
+            lineage.end(parent, "KILLED")
+        raise
+    report["seconds"] = time.perf_counter() - t_flow
+    if lineage is not None:
+        lineage.client.log_metric(parent, "flow_seconds", report["seconds"])
+        lineage.client.log_metric(parent, "stages_built", sum(1 for s in report["stages"].values() if s["status"] == "built"))
+        lineage.end(parent, "FAILED" if failures else "FINISHED")
+    rows = [{"stage": s, **{k: v for k, v in r.items() if k != "error"}} for s, r in report["stages"].items()]
+    if rows:
+        create_table_artifact(rows, key=artifact_key(flow_key, "run"), description="stages of this run")
+    if failures:
+        raise StageError(failures[0] if len(failures) == 1 else f"{len(failures)} stages failed; first: {failures[0]}")
+    return report

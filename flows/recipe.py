@@ -1,0 +1,244 @@
+"""Recipes: which stages make up a family, and each stage's config.
+
+A recipe is `flows/recipes/<name>.yaml` (or any path):
+
+    name: tiny
+    seed: 0
+    device: auto            # auto | cpu | cuda
+    stages:                 # every stage of the family, in reading order
+      crawl: {source: pydoc, max_pages: 400}
+      pretrain: {d_model: 128, n_layers: 4}
+    modules:                # optional: stages defined outside stages/ (module path)
+      my_stage: mypkg.my_stage
+    launch:                 # optional: run a stage under torchrun with N processes
+      pretrain: {nproc: 2}
+
+`--set stage.field=value` overrides one field (the value is read as YAML). Everything is validated
+before anything runs: an unknown stage or field, a value of the wrong type, or an input that no
+stage of the recipe produces is one line naming which and where.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.contract import ConfigError, check_type, build_config, config_to_json
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment"}
+
+
+class RecipeError(ConfigError):
+    pass
+
+
+@dataclass
+class StageSpec:
+    name: str
+    module_name: str
+    module: types.ModuleType
+    config: Any
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    nproc: int = 1
+
+    @property
+    def config_json(self) -> dict[str, Any]:
+        return config_to_json(self.config)
+
+    @property
+    def gpu(self) -> bool:
+        return bool(getattr(self.module, "GPU", False))
+
+    @property
+    def network(self) -> bool:
+        return bool(getattr(self.module, "NETWORK", False))
+
+
+@dataclass
+class Recipe:
+    name: str
+    path: Path
+    seed: int
+    device: str
+    experiment: str
+    stages: dict[str, StageSpec]  # topological order
+    producers: dict[str, str]  # artifact name -> stage
+    overrides: list[str] = field(default_factory=list)
+    description: str = ""
+
+    def upstream(self, stage: str) -> list[str]:
+        return [self.producers[i] for i in self.stages[stage].inputs]
+
+    def downstream(self, stage: str) -> list[str]:
+        """`stage` and every stage that depends on it, in order."""
+        out = {stage}
+        for name in self.stages:
+            if any(u in out for u in self.upstream(name)):
+                out.add(name)
+        return [s for s in self.stages if s in out]
+
+    def ancestors(self, stage: str) -> list[str]:
+        """`stage` and every stage it depends on, in order."""
+        out = {stage}
+        for name in reversed(list(self.stages)):
+            if name in out:
+                out.update(self.upstream(name))
+        return [s for s in self.stages if s in out]
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_path(recipe: str | Path) -> Path:
+    p = Path(recipe)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} not found")
+        return p.resolve()
+    candidate = RECIPES_DIR / f"{recipe}.yaml"
+    if not candidate.is_file():
+        close = difflib.get_close_matches(str(recipe), available(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(f"unknown recipe {recipe!r}: {hint}built-in recipes: {', '.join(available())}")
+    return candidate
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected STAGE.FIELD=VALUE (for example --set pretrain.max_steps=200)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _import_stage(stage: str, module_name: str, where: str) -> types.ModuleType:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise RecipeError(f"{where}: stage {stage!r} has no module {module_name!r}") from None
+        raise
+    for attr in ("Config", "INPUTS", "OUTPUTS", "run"):
+        if not hasattr(module, attr):
+            raise RecipeError(f"{where}: module {module_name} does not follow the stage contract (no {attr})")
+    return module
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with a 'stages' key")
+    unknown = set(raw) - TOP_LEVEL
+    if unknown:
+        raise RecipeError(f"{path}: unknown top-level key(s) {sorted(unknown)} (allowed: {sorted(TOP_LEVEL)})")
+    stages_raw = raw.get("stages") or {}
+    if not isinstance(stages_raw, dict) or not stages_raw:
+        raise RecipeError(f"{path}: 'stages' must map stage names to their config")
+    stages_raw = {k: dict(v or {}) for k, v in stages_raw.items()}
+    origin: dict[tuple[str, str], str] = {}
+    top = {k: raw.get(k) for k in ("seed", "device")}
+
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 1 and keys[0] in top:
+            top[keys[0]] = value
+            continue
+        if len(keys) != 2:
+            raise RecipeError(f"--set {text}: expected STAGE.FIELD=VALUE or seed=N / device=cpu")
+        stage, fld = keys
+        if stage not in stages_raw:
+            close = difflib.get_close_matches(stage, list(stages_raw), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RecipeError(f"--set {text}: recipe {path.stem} has no stage {stage!r}; {hint}stages: {', '.join(stages_raw)}")
+        stages_raw[stage][fld] = value
+        origin[(stage, fld)] = f"--set {stage}.{fld}"
+
+    modules = raw.get("modules") or {}
+    launch = raw.get("launch") or {}
+    specs: dict[str, StageSpec] = {}
+    for stage, values in stages_raw.items():
+        module_name = modules.get(stage, f"stages.{stage}")
+        module = _import_stage(stage, module_name, f"{path}: stages.{stage}")
+        # validate field by field so the message names the --set or the recipe line that was wrong
+        for fld, value in values.items():
+            where = origin.get((stage, fld), f"{path.name}: stages.{stage}")
+            build_config_field(module.Config, fld, value, where)
+        cfg = build_config(module.Config, values, f"{path.name}: stages.{stage}")
+        nproc = int((launch.get(stage) or {}).get("nproc", 1))
+        specs[stage] = StageSpec(stage, module_name, module, cfg, tuple(module.INPUTS), tuple(module.OUTPUTS), nproc)
+
+    producers: dict[str, str] = {}
+    for spec in specs.values():
+        for out in spec.outputs:
+            if out in producers:
+                raise RecipeError(f"{path}: output {out!r} is produced by both {producers[out]} and {spec.name}")
+            producers[out] = spec.name
+    for spec in specs.values():
+        for inp in spec.inputs:
+            if inp not in producers:
+                raise RecipeError(
+                    f"{path}: stage {spec.name} needs input {inp!r}, which no stage of recipe {path.stem} produces"
+                )
+    ordered = _topological(specs, producers, path)
+    seed = top["seed"] if top["seed"] is not None else 0
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise RecipeError(f"{path}: seed must be an integer, got {seed!r}")
+    device = top["device"] or "auto"
+    if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise RecipeError(f"{path}: device must be auto, cpu or cuda, got {device!r}")
+    name = raw.get("name") or path.stem
+    return Recipe(
+        name=name,
+        path=path,
+        seed=seed,
+        device=device,
+        experiment=raw.get("experiment") or f"family-{name}",
+        stages=ordered,
+        producers=producers,
+        overrides=list(overrides),
+        description=raw.get("description", ""),
+    )
+
+
+def build_config_field(config_cls: type, fld: str, value: Any, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    if fld not in names:
+        close = difflib.get_close_matches(fld, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (fields: {', '.join(sorted(names))})"
+        raise RecipeError(f"{where}: unknown field {fld!r}{hint}")
+    check_type(value, typing.get_type_hints(config_cls)[fld], f"{where}.{fld}" if not where.startswith("--set") else where)
+
+
+def _topological(specs: dict[str, StageSpec], producers: dict[str, str], path: Path) -> dict[str, StageSpec]:
+    order: list[str] = []
+    done: set[str] = set()
+    remaining = list(specs)
+    while remaining:
+        for name in remaining:
+            if all(producers[i] in done for i in specs[name].inputs):
+                order.append(name)
+                done.add(name)
+                remaining.remove(name)
+                break
+        else:
+            raise RecipeError(f"{path}: stages {remaining} depend on each other in a cycle")
+    return {n: specs[n] for n in order}

@@ -1,0 +1,202 @@
+"""The artifact store: content-addressed stage outputs, published atomically.
+
+A stage's outputs are built in `<home>/work/<stage>/<fp>/out/`, then the directory is renamed to
+`<home>/artifacts/<stage>/<fp>/` and `manifest.json` (files, sizes, sha256, upstream fingerprints)
+is written last through a temporary file and `os.replace`. Readers trust only directories that hold a
+manifest, so a crash at any point leaves either nothing visible or a complete artifact.
+
+Two runs on one home never build the same stage at once: building takes an exclusive `flock` on
+`<home>/work/<stage>/<fp>/lease`. The kernel drops the lock when its process dies (even by
+SIGKILL), so a crashed run never leaves a stale lease behind.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from storage.home import Home
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A pointer to one published output: never the bytes themselves."""
+
+    kind: str  # the output's name, e.g. "docs_clean", "tokenizer", "base"
+    path: str  # absolute path of the file or directory
+    fingerprint: str  # fingerprint of the stage that produced it
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Artifact":
+        return cls(kind=d["kind"], path=d["path"], fingerprint=d["fingerprint"], meta=d.get("meta", {}))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class LeaseBusy(RuntimeError):
+    pass
+
+
+@dataclass
+class Published:
+    """A stage artifact directory that has its manifest."""
+
+    stage: str
+    fingerprint: str
+    dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def result(self) -> dict[str, Any]:
+        p = self.dir / "result.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        p = self.dir / "config.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def artifacts(self) -> dict[str, Artifact]:
+        # paths are stored relative to the artifact directory, so a moved home keeps working
+        return {
+            name: Artifact(name, str(self.dir / o["path"]), self.fingerprint, o.get("meta", {}))
+            for name, o in self.manifest.get("outputs", {}).items()
+        }
+
+
+class ArtifactStore:
+    def __init__(self, home: Home):
+        self.home = home
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def published(self, stage: str, fingerprint: str) -> Published | None:
+        d = self.home.stage_dir(stage, fingerprint)
+        m = d / MANIFEST
+        if not m.is_file():
+            return None
+        return Published(stage, fingerprint, d, json.loads(m.read_text()))
+
+    def history(self, stage: str) -> list[Published]:
+        """Every published artifact of a stage, newest first."""
+        root = self.home.artifacts / stage
+        if not root.is_dir():
+            return []
+        found = [p for d in root.iterdir() if (p := self.published(stage, d.name)) is not None]
+        return sorted(found, key=lambda p: p.manifest.get("published_at", 0), reverse=True)
+
+    def stages(self) -> list[str]:
+        root = self.home.artifacts
+        return sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+
+    # -- building --------------------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, stage: str, fingerprint: str, wait_s: float | None = None) -> Iterator[Path]:
+        """Hold the exclusive right to build (stage, fingerprint); yields its work directory.
+
+        Waits up to `wait_s` seconds (forever if None) for another holder, then raises LeaseBusy.
+        """
+        work = self.home.work_dir(stage, fingerprint)
+        work.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work / "lease", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = None if wait_s is None else time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if deadline is not None and time.monotonic() > deadline:
+                        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                        raise LeaseBusy(f"{stage} ({fingerprint}) is being built by another run (pid {holder})")
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield work
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def is_leased(self, stage: str, fingerprint: str) -> bool:
+        lease = self.home.work_dir(stage, fingerprint) / "lease"
+        if not lease.exists():
+            return False
+        fd = os.open(lease, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
+    def publish(
+        self,
+        stage: str,
+        fingerprint: str,
+        out_dir: Path,
+        outputs: dict[str, dict[str, Any]],
+        config: dict[str, Any],
+        result: dict[str, Any],
+        upstream: dict[str, str],
+    ) -> Published:
+        """Move `out_dir` to its published place and write the manifest last.
+
+        `outputs` maps output name -> meta; each output must exist as `out_dir/<name>` (file or dir).
+        Call only while holding the lease.
+        """
+        for name in outputs:
+            if not (out_dir / name).exists():
+                raise FileNotFoundError(f"stage {stage} declared output {name!r} but wrote no {out_dir / name}")
+        final = self.home.stage_dir(stage, fingerprint)
+        if final.exists():  # left by a crash between rename and manifest: never visible, safe to drop
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "config.json", config)
+        write_json_atomic(out_dir / "result.json", result)
+        os.rename(out_dir, final)
+        files = []
+        for p in sorted(final.rglob("*")):
+            if p.is_file():
+                files.append({"path": str(p.relative_to(final)), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+        manifest = {
+            "stage": stage,
+            "fingerprint": fingerprint,
+            "published_at": time.time(),
+            "upstream": upstream,
+            "outputs": {name: {"path": name, "meta": meta} for name, meta in outputs.items()},
+            "files": files,
+        }
+        write_json_atomic(final / MANIFEST, manifest)
+        return Published(stage, fingerprint, final, manifest)

@@ -1,0 +1,119 @@
+"""Declared pyarrow schemas, one per dataset kind (see DESIGN.md, "Data").
+
+Every Parquet file the pipeline writes carries one of these; `storage.parquet.write_table` refuses
+a table that does not match, and `read_table` names the file and the missing or mistyped column.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+PAGES = pa.schema(
+    [
+        ("url", pa.string()),
+        ("final_url", pa.string()),
+        ("status", pa.int32()),
+        ("content_type", pa.string()),
+        ("fetched_at", pa.timestamp("ms", tz="UTC")),
+        ("body", pa.binary()),
+        ("sha256", pa.string()),
+    ]
+)
+
+DOCS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("url", pa.string()),
+        ("source", pa.string()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("lang", pa.string()),
+        ("lang_score", pa.float32()),
+        ("n_chars", pa.int64()),
+        ("n_words", pa.int64()),
+        ("sha256", pa.string()),
+        ("cluster", pa.string()),
+    ]
+)
+
+# documents (or pages) a step dropped, with the step's reason: the audit trail of the funnel
+EXCLUDED = pa.schema(
+    [
+        ("id", pa.string()),
+        ("url", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("n_chars", pa.int64()),
+        ("text", pa.string()),
+    ]
+)
+
+CHAT = pa.schema(
+    [
+        ("id", pa.string()),
+        ("messages", MESSAGES),
+        ("task", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+PREFS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("source", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+PROMPTS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", MESSAGES),
+        ("answer", pa.string()),
+        ("verifier", pa.string()),
+        ("task", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+PAIRS = pa.schema(
+    [
+        ("query", pa.string()),
+        ("positive", pa.string()),
+        ("negatives", pa.list_(pa.string())),
+        ("split", pa.string()),
+    ]
+)
+
+QRELS = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("relevance", pa.int32())])
+
+IMAGES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("messages", MESSAGES),
+        ("answer", pa.string()),
+        ("task", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "pages": PAGES,
+    "docs": DOCS,
+    "excluded": EXCLUDED,
+    "chat": CHAT,
+    "prefs": PREFS,
+    "prompts": PROMPTS,
+    "pairs": PAIRS,
+    "qrels": QRELS,
+    "images": IMAGES,
+}

@@ -1,0 +1,117 @@
+"""The family flow on toy stages: reuse, resume, --from, --dry-run, MLflow lineage, failures."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main as cli
+from flows.plan import make_plan
+from flows.recipe import load_recipe
+from storage.artifacts import ArtifactStore
+from storage.home import Home
+
+TOY = str(Path(__file__).parent / "toy" / "toy.yaml")
+
+
+@pytest.fixture
+def calls(tmp_path, monkeypatch):
+    log = tmp_path / "calls.log"
+    monkeypatch.setenv("TOY_CALLS_LOG", str(log))
+
+    def read() -> list[str]:
+        out = log.read_text().split() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return out
+
+    return read
+
+
+def run_flow(home: Path, *overrides: str, **kw):
+    from flows.family import family_flow
+
+    return family_flow(recipe=TOY, overrides=list(overrides), home=str(home), **kw)
+
+
+def test_run_reuse_and_rebuild_only_downstream(tmp_path, calls, prefect_server):
+    home = tmp_path / "home"
+    report = run_flow(home)
+    assert calls() == ["source", "square", "total"]
+    assert {s: r["status"] for s, r in report["stages"].items()} == {"source": "built", "square": "built", "total": "built"}
+
+    report = run_flow(home)
+    assert calls() == [] and all(r["status"] == "reused" for r in report["stages"].values())
+
+    run_flow(home, "square.power=3")  # one field: that stage and what depends on it
+    assert calls() == ["square", "total"]
+    total = json.loads(Path(ArtifactStore(Home(home)).history("total")[0].artifacts()["total"].path).read_text())
+    assert total["total"] == sum(x**3 for x in range(10))
+
+    run_flow(home, force_from="square")  # --from: forced even though published
+    assert calls() == ["square", "total"]
+    run_flow(home, only="total", force_from="total")
+    assert calls() == ["total"]
+
+
+def test_dry_run_explains_why(tmp_path, calls, prefect_server, capsys):
+    home = tmp_path / "home"
+    run_flow(home)
+    calls()
+    capsys.readouterr()
+    assert cli(["run", "--recipe", TOY, "--home", str(home), "--set", "square.power=4", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    lines = {ln.split()[1]: ln for ln in err.splitlines() if ln.split()[:1] in (["run"], ["skip"])}
+    assert lines["source"].split()[0] == "skip"
+    assert lines["square"].split()[0] == "run" and "config square.power: 2 -> 4" in lines["square"]
+    assert lines["total"].split()[0] == "run" and "input squares changed" in lines["total"]
+    assert calls() == [], "a dry run runs nothing"
+
+    assert cli(["status", "--json", "--recipe", TOY, "--home", str(home)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["state"] for s in doc["stages"]] == ["published"] * 3
+    assert doc["stages"][2]["metrics"]["total"] == 285.0
+
+
+def test_failed_stage_publishes_nothing_and_blocks_downstream(tmp_path, calls, prefect_server):
+    from stages.contract import StageError
+
+    home = tmp_path / "home"
+    with pytest.raises(StageError, match=r"source: asked to fail \(source.fail=true\)"):
+        run_flow(home, "source.fail=true")
+    store = ArtifactStore(Home(home))
+    assert store.history("source") == [] and store.history("square") == []
+    plan = {p.stage: p for p in make_plan(load_recipe(TOY, ["source.fail=true"]), Home(home))}
+    assert plan["source"].state == "failed" and "asked to fail" in plan["source"].why
+    run_flow(home)  # fixed config: runs cleanly
+    assert calls() == ["source", "square", "total"]
+
+
+def test_mlflow_parent_and_child_runs(tmp_path, calls, prefect_server):
+    from mlflow.tracking import MlflowClient
+
+    home = Home(tmp_path / "home")
+    run_flow(home.root, "square.steps=3")
+    client = MlflowClient(home.mlflow_uri)
+    exp = client.get_experiment_by_name("family-toy")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["stage"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert len(parents) == 1 and set(children) == {"source", "square", "total"}
+    sq = children["square"]
+    assert sq.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert sq.data.params["power"] == "2" and sq.data.metrics["sum"] == 285.0
+    assert {m.step for m in client.get_metric_history(sq.info.run_id, "acc")} >= {0, 1, 2}  # the curve
+    assert sq.data.tags["fingerprint"] and sq.data.tags["prefect.flow_run_id"]
+    assert sq.info.status == "FINISHED"
+    assert Path(exp.artifact_location.removeprefix("file://")).is_absolute()
+
+
+def test_catalog_and_sql(tmp_path, calls, prefect_server, capsys):
+    home = tmp_path / "home"
+    run_flow(home)
+    assert cli(["sql", "select sum(x) as s from numbers", "--home", str(home), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip()) == {"s": 45}
+    assert cli(["sql", "select * from nope", "--home", str(home)]) == 2
+    assert "views: numbers" in capsys.readouterr().err

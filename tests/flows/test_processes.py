@@ -1,0 +1,82 @@
+"""`family run` as a user runs it, in real processes on the ephemeral Prefect server of the home:
+kill -9 mid-stage then resume; the Prefect database in the home; two concurrent runs on one home."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.artifacts import ArtifactStore
+from storage.home import Home
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+TOY = str(Path(__file__).parent / "toy" / "toy.yaml")
+
+
+def family(home: Path, *args: str, calls: Path, **kw) -> subprocess.Popen:
+    env = dict(os.environ, FAMILY_HOME=str(home), TOY_CALLS_LOG=str(calls), PYTHONPATH=str(REPO))
+    for k in ("PREFECT_API_URL", "PREFECT_HOME"):
+        env.pop(k, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--recipe", TOY, *args],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+    )  # fmt: skip
+
+
+def test_kill_9_mid_stage_then_resume(tmp_path):
+    home, calls = tmp_path / "home", tmp_path / "calls.log"
+    slow = ["--set", "square.steps=40", "--set", "square.step_sleep_s=0.25"]
+    p = family(home, *slow, calls=calls)
+    work = Home(home).work / "square"
+    deadline = time.monotonic() + 120
+    while not list(work.glob("*/ckpt/step-0000000[3-9]")):  # a few checkpoints in
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "square never started"
+        time.sleep(0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+
+    store = ArtifactStore(Home(home))
+    assert store.history("source"), "the finished upstream stage stays published"
+    assert store.history("square") == [] and store.history("total") == [], "nothing half-written is visible"
+    assert list(work.glob("*/out/squares/squares.json")), "the half-written output exists only in the work dir"
+
+    p = family(home, *slow, calls=calls)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert "resumes from checkpoint" in err
+    assert calls.read_text().split() == ["source", "square", "total"]  # source ran once, before the kill
+    square = store.history("square")[0]
+    assert square.result["metrics"]["resumed_from"] >= 3  # continued, not restarted
+    assert json.loads(Path(square.artifacts()["squares"].path, "squares.json").read_text())[3] == 9
+
+    # the runs and their artifacts are in the home's own Prefect database
+    db = sqlite3.connect(Home(home).prefect_home / "prefect.db")
+    states = [r[0] for r in db.execute("select state_type from flow_run")]
+    assert states.count("COMPLETED") == 1 and len(states) == 2
+    keys = {r[0] for r in db.execute("select key from artifact where key is not null")}
+    assert {"toy-square", "toy-square-mlflow", "toy-square-progress", "toy-run"} <= keys
+    tasks = {r[0] for r in db.execute("select name from task_run")}
+    assert {"source", "square", "total"} <= tasks
+
+
+def test_two_concurrent_runs_never_build_one_stage_twice(tmp_path):
+    home, calls = tmp_path / "home", tmp_path / "calls.log"
+    slow = ["--set", "square.steps=6", "--set", "square.step_sleep_s=0.5", "--no-track"]
+    a = family(home, *slow, calls=calls)
+    time.sleep(1.0)
+    b = family(home, *slow, calls=calls)
+    for p in (a, b):
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+    ran = calls.read_text().split()
+    assert sorted(ran) == ["source", "square", "total"], f"each stage body ran once, got {ran}"
+    assert len(ArtifactStore(Home(home)).history("square")) == 1
