@@ -6,6 +6,7 @@ Examples:
   family run --set pretrain.max_steps=300      change one field; only pretrain and what follows rebuild
   family run --set dpo.beta=0.2 --dry-run      show what would run and why, run nothing
   family run --from sft                        force sft and everything downstream to rebuild
+  family run --refresh crawl                   re-crawl; later stages rebuild only if the pages changed
   family run --recipe small --home /data/fam   another recipe, another home
   family status --json                         every stage's state, fingerprint and headline metrics
   family show filter                           one stage's artifact: files, config, metrics
@@ -75,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     home = Home.resolve(args.home)
     try:
-        recipe, overrides, plans = _plan(args, home, force_from=args.from_, only=args.only, until=args.until)
+        recipe, overrides, plans = _plan(args, home, force_from=args.from_, only=args.only, until=args.until, refresh=args.refresh)
     except ConfigError as e:
         return _err(str(e))
     _print_plan(plans, recipe)
@@ -87,6 +88,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.prefect_env import configure
 
     configure(home)
+    if not args.no_track:  # import MLflow while Prefect's ephemeral server starts (saves ~2 s)
+        import threading
+
+        threading.Thread(target=lambda: __import__("mlflow.tracking"), daemon=True).start()
     from flows.family import family_flow
     from stages.contract import StageError
 
@@ -94,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         report = family_flow(
             recipe=str(recipe.path), overrides=overrides, home=str(home.root),
-            force_from=args.from_, only=args.only, until=args.until, track=not args.no_track,
+            force_from=args.from_, only=args.only, until=args.until, refresh=args.refresh, track=not args.no_track,
         )  # fmt: skip
     except StageError as e:
         return _err(str(e), 1)
@@ -307,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_", metavar="STAGE", help="force STAGE and everything downstream to rebuild")
     p.add_argument("--only", metavar="STAGE", help="run only STAGE (its inputs must be built)")
     p.add_argument("--until", metavar="STAGE", help="run STAGE and what it depends on, nothing after it")
+    p.add_argument("--refresh", action="append", default=[], metavar="STAGE", help="rerun STAGE although published (e.g. crawl for new pages); what follows rebuilds only if its output changed")
     p.add_argument("--dry-run", action="store_true", help="print what would run or be reused, and why; run nothing")
     p.add_argument("--no-track", action="store_true", help="do not record MLflow runs")
     p.set_defaults(func=cmd_run)

@@ -190,6 +190,7 @@ def stage_task(
     recipe_path: str,
     overrides: list[str],
     home_dir: str,
+    fingerprint: str,
     inputs: dict[str, dict[str, Any]],
     parent_run: str | None,
     force: bool,
@@ -199,6 +200,8 @@ def stage_task(
     recipe = load_recipe(recipe_path, overrides)
     spec = recipe.stages[stage]
     plan = next(p for p in make_plan(recipe, home) if p.stage == stage)
+    if plan.fingerprint != fingerprint:
+        raise RuntimeError(f"stage {stage}: fingerprint {plan.fingerprint} differs from the flow's {fingerprint}")
     store = ArtifactStore(home)
     logger = get_run_logger()
     device = resolve_device(recipe.device)
@@ -310,77 +313,84 @@ def family_flow(
     force_from: str | None = None,
     only: str | None = None,
     until: str | None = None,
+    refresh: list[str] | None = None,
     track: bool = True,
 ) -> dict[str, Any]:
     """Build (or reuse) every stage of a recipe. Parameters mirror `family run`."""
-    overrides = list(overrides or [])
+    overrides, refresh = list(overrides or []), list(refresh or [])
     h = Home.resolve(home).ensure()
     rcp: Recipe = load_recipe(recipe, overrides)
-    plans = make_plan(rcp, h, force_from=force_from, only=only, until=until)
+    selection = dict(force_from=force_from, only=only, until=until, refresh=refresh)
+    plans = make_plan(rcp, h, **selection)
     store = ArtifactStore(h)
     flow_key = artifact_key(rcp.name)
 
     lineage, parent = None, None
-    to_run = [p for p in plans if p.action == "run"]
     if track:
         lineage = Lineage(h.mlflow_uri, h.mlflow_artifacts, rcp.experiment)
         fr = get_run_context().flow_run
         parent = lineage.start_parent(
             f"{rcp.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             {"recipe": rcp.name, "prefect.flow_run_id": str(fr.id), "git": git_revision(Path(__file__).parent),
-             "overrides": " ".join(overrides), "stages_to_run": ",".join(p.stage for p in to_run)},
+             "overrides": " ".join(overrides), "planned": ",".join(p.stage for p in plans if p.action == "run")},
         )  # fmt: skip
 
     outputs: dict[str, dict[str, Any]] = {}
     report: dict[str, Any] = {"recipe": rcp.name, "home": str(h.root), "stages": {}}
+    done: set[str] = set()
     blocked: set[str] = set()
     failures: list[str] = []
     t_flow = time.perf_counter()
     try:
-        for p in plans:
-            spec = rcp.stages[p.stage]
-            if p.action in ("skip", "out"):
-                pub = p.published or store.published(p.stage, p.fingerprint)
-                if pub is not None:
-                    outputs.update({k: a.to_json() for k, a in pub.artifacts().items()})
-                if p.action == "skip":
-                    report["stages"][p.stage] = {"status": "reused", "fingerprint": p.fingerprint}
-                    _echo(f"  = {p.stage:<10} reused {p.fingerprint}")
-                continue
+        for name, spec in rcp.stages.items():
+            # plan again: upstream stages built in this run now have content hashes (early cutoff)
+            p = next(x for x in make_plan(rcp, h, **selection, done=done) if x.stage == name)
+            done.add(name)
             if any(rcp.producers[i] in blocked for i in spec.inputs):
-                blocked.add(p.stage)
-                report["stages"][p.stage] = {"status": "blocked"}
-                _echo(f"  - {p.stage:<10} blocked by a failed upstream stage")
+                blocked.add(name)
+                report["stages"][name] = {"status": "blocked"}
+                _echo(f"  - {name:<10} blocked by a failed upstream stage")
                 continue
-            _echo(f"  > {p.stage:<10} running ({p.why})")
+            if p.action in ("skip", "out"):
+                if p.published is not None:
+                    outputs.update({k: a.to_json() for k, a in p.published.artifacts().items()})
+                if p.action == "skip":
+                    report["stages"][name] = {"status": "reused", "fingerprint": p.fingerprint}
+                    _echo(f"  = {name:<10} reused {p.fingerprint}")
+                continue
+            _echo(f"  > {name:<10} running ({p.why})")
             task_fn = stage_task.with_options(
                 tags=["gpu"] if spec.gpu else [],
                 retries=2 if spec.network else 0,
                 retry_delay_seconds=[5, 30],
                 retry_condition_fn=_retry_on_network if spec.network else None,
             )
+            t_task = time.perf_counter()
             try:
                 res = task_fn(
-                    p.stage, str(rcp.path), overrides, str(h.root),
-                    {i: outputs[i] for i in spec.inputs}, parent, p.why.startswith("forced"), flow_key,
+                    name, str(rcp.path), overrides, str(h.root), p.fingerprint,
+                    {i: outputs[i] for i in spec.inputs}, parent, p.published is not None, flow_key,
                 )  # fmt: skip
             except StageError as e:
                 failures.append(str(e))
-                blocked.add(p.stage)
-                report["stages"][p.stage] = {"status": "failed", "error": str(e)}
-                _echo(f"  x {p.stage:<10} failed: {e}")
+                blocked.add(name)
+                report["stages"][name] = {"status": "failed", "error": str(e)}
+                _echo(f"  x {name:<10} failed: {e}")
                 continue
             except Exception as e:  # internal error: keep the traceback in the logs, go on with other branches
-                failures.append(f"stage {p.stage}: {type(e).__name__}: {e}")
-                blocked.add(p.stage)
-                report["stages"][p.stage] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                _echo(f"  x {p.stage:<10} failed: {type(e).__name__}: {e}")
+                failures.append(f"stage {name}: {type(e).__name__}: {e}")
+                blocked.add(name)
+                report["stages"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                _echo(f"  x {name:<10} failed: {type(e).__name__}: {e}")
                 get_run_logger().error(traceback.format_exc())
                 continue
             outputs.update(res["outputs"])
-            report["stages"][p.stage] = {"status": "built", "seconds": res.get("seconds"), "fingerprint": p.fingerprint}
+            report["stages"][name] = {
+                "status": res["status"], "seconds": res.get("seconds"), "task_seconds": time.perf_counter() - t_task,
+                "fingerprint": p.fingerprint,
+            }  # fmt: skip
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(res["metrics"].items())[:6] if isinstance(v, (int, float)))
-            _echo(f"  + {p.stage:<10} built in {res.get('seconds', 0):.1f} s  {shown}")
+            _echo(f"  + {name:<10} built in {res.get('seconds', 0):.1f} s  {shown}")
     except BaseException:
         if lineage is not None:
             lineage.end(parent, "KILLED")
@@ -390,6 +400,7 @@ def family_flow(
         lineage.client.log_metric(parent, "flow_seconds", report["seconds"])
         lineage.client.log_metric(parent, "stages_built", sum(1 for s in report["stages"].values() if s["status"] == "built"))
         lineage.end(parent, "FAILED" if failures else "FINISHED")
+    write_json_atomic(h.state / "last_report.json", report)
     rows = [{"stage": s, **{k: v for k, v in r.items() if k != "error"}} for s, r in report["stages"].items()]
     if rows:
         create_table_artifact(rows, key=artifact_key(flow_key, "run"), description="stages of this run")

@@ -1,7 +1,9 @@
 """The plan: every stage's fingerprint, and whether it runs or is reused, and why.
 
-Fingerprints are computed for the whole recipe before anything runs (an input's fingerprint is
-that of the stage producing it), so `--dry-run` and `family status` know exactly what would rebuild.
+A stage's fingerprint hashes its code, its config and the content hashes of its inputs, so it is
+known before the stage runs whenever its upstream is already published: `--dry-run` and
+`family status` say exactly what would rebuild. Downstream of a stage that will run, the
+fingerprint is pending until that stage has published; the flow plans again after every stage.
 The reason for a rebuild is found by comparing with the newest published artifact of the stage:
 which config field changed, which module's code changed, which input changed.
 """
@@ -20,13 +22,13 @@ from storage.home import Home
 @dataclass
 class StagePlan:
     stage: str
-    fingerprint: str
+    fingerprint: str  # "" while an input is pending (its producer runs first)
     action: str  # "run" | "skip" | "out"  (out: not selected by --only/--until)
     why: str
     state: str  # published | stale | missing | running | failed
     code: str
     code_digests: dict[str, str]
-    inputs: dict[str, str]  # input name -> producing stage's fingerprint
+    inputs: dict[str, str]  # input name -> content hash of that upstream output ("" while pending)
     published: Published | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -41,7 +43,7 @@ def _fmt(v: Any) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
-def explain_change(stage: str, config: dict[str, Any], plan_doc: dict[str, Any], previous: Published) -> str:
+def explain_change(stage: str, config: dict[str, Any], plan_doc: dict[str, Any], previous: Published, skip_inputs: bool = False) -> str:
     """Why the current fingerprint differs from a previously published one."""
     prev = previous.config
     prev_cfg = prev.get("config", {})
@@ -53,7 +55,7 @@ def explain_change(stage: str, config: dict[str, Any], plan_doc: dict[str, Any],
         reasons.append(f"{len(changed) - 3} more config fields")
     prev_inputs = prev.get("inputs", {})
     for name, fp in plan_doc["inputs"].items():
-        if prev_inputs.get(name) != fp:
+        if not skip_inputs and prev_inputs.get(name) != fp:
             reasons.append(f"input {name} changed")
     if prev.get("code") != plan_doc["code"]:
         old = prev.get("code_modules", {})
@@ -68,12 +70,24 @@ def make_plan(
     force_from: str | None = None,
     only: str | None = None,
     until: str | None = None,
+    refresh: tuple[str, ...] | list[str] = (),
+    done: set[str] | frozenset[str] = frozenset(),
 ) -> list[StagePlan]:
-    for flag, value in (("--from", force_from), ("--only", only), ("--until", until)):
+    """Decide, per stage, run or reuse and why.
+
+    A stage's inputs are keyed by the content hash of the upstream output. When an upstream stage
+    is going to run, that hash is not known yet: the stage's fingerprint is pending ("") and it is
+    planned to run; the flow plans again after each stage, and a rebuilt upstream whose output is
+    byte-identical leaves the stage reused (early cutoff). `refresh` reruns a stage even though it
+    is published (the nightly crawl); `force_from` reruns a stage and everything downstream.
+    `done` lists stages this flow run already handled, which are never forced twice.
+    """
+    for flag, value in (("--from", force_from), ("--only", only), ("--until", until), *(("--refresh", r) for r in refresh)):
         if value is not None and value not in recipe.stages:
             raise RecipeError(f"{flag} {value}: recipe {recipe.name} has no such stage (stages: {', '.join(recipe.stages)})")
     store = ArtifactStore(home)
-    forced = set(recipe.downstream(force_from)) if force_from else set()
+    forced = (set(recipe.downstream(force_from)) if force_from else set()) | set(refresh)
+    forced -= set(done)
     selected = set(recipe.stages)
     if only:
         selected = {only}
@@ -81,34 +95,42 @@ def make_plan(
         selected &= set(recipe.ancestors(until))
 
     plans: dict[str, StagePlan] = {}
+    outputs: dict[str, str] = {}  # artifact name -> content hash, where known
     for name, spec in recipe.stages.items():
         code = code_hash(spec.module_name)
         digests = {m: _module_digest(m)[0][:12] for m in code_modules(spec.module_name)}
-        inputs = {i: plans[recipe.producers[i]].fingerprint for i in spec.inputs}
         config = spec.config_json
-        fp = fingerprint(name, code, config, inputs)
-        published = store.published(name, fp)
-        doc = {"code": code, "code_modules": digests, "inputs": inputs}
         history = store.history(name)
-        work = home.work_dir(name, fp)
-        if store.is_leased(name, fp):
+        pending = [i for i in spec.inputs if i not in outputs]
+        inputs = {i: outputs.get(i, "") for i in spec.inputs}
+        doc = {"code": code, "code_modules": digests, "inputs": inputs}
+        fp = "" if pending else fingerprint(name, code, config, inputs)
+        published = store.published(name, fp) if fp else None
+        work = home.work_dir(name, fp) if fp else None
+        if fp and store.is_leased(name, fp):
             state = "running"
         elif published is not None:
             state = "published"
-        elif (work / "failed.json").exists():
+        elif work is not None and (work / "failed.json").exists():
             state = "failed"
-        elif history:
-            state = "stale"
         else:
-            state = "missing"
+            state = "stale" if history else "missing"
 
         if name not in selected:
             action, why = "out", "not selected" + (f" (--only {only})" if only else f" (--until {until})")
         elif name in forced:
             action = "run"
-            why = f"forced by --from {force_from}" + (" (published, rebuilding)" if published else "")
+            why = (f"forced by --from {force_from}" if force_from and name in recipe.downstream(force_from) else "refresh requested")
+            why += " (published, rebuilding)" if published else ""
         elif published is not None:
             action, why = "skip", "published, unchanged"
+        elif pending:
+            action = "run"
+            ups = sorted({recipe.producers[i] for i in pending})
+            why = f"after {', '.join(ups)} rebuilds (reused if its output is unchanged)"
+            if history:
+                changed = explain_change(name, config, doc, history[0], skip_inputs=True)
+                why = f"{changed}; {why}" if changed != "fingerprint changed" else why
         else:
             action = "run"
             if state == "failed":
@@ -118,9 +140,11 @@ def make_plan(
                 why = explain_change(name, config, doc, history[0])
             else:
                 why = "never built"
-            if (work / "ckpt").is_dir() and any((work / "ckpt").iterdir()):
-                why += "; resumes from checkpoint"
+        if action == "run" and work is not None and (work / "ckpt").is_dir() and any((work / "ckpt").iterdir()):
+            why += "; resumes from checkpoint"
         plans[name] = StagePlan(name, fp, action, why, state, code, digests, inputs, published)
+        if action in ("skip", "out") and published is not None:
+            outputs.update({o: a.fingerprint for o, a in published.artifacts().items()})
 
     # a stage that is not selected but whose output a selected stage needs must already exist
     for name, p in plans.items():

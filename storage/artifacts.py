@@ -62,6 +62,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def content_hash(files: list[dict[str, Any]], output: str) -> str:
+    """Hash of one output's bytes: its files' relative paths and sha256s (names, not locations)."""
+    h = hashlib.sha256()
+    for f in files:
+        if f["path"] == output or f["path"].startswith(output + "/"):
+            h.update(f"{f['path']}\0{f['sha256']}\n".encode())
+    return h.hexdigest()[:16]
+
+
 class LeaseBusy(RuntimeError):
     pass
 
@@ -86,9 +95,14 @@ class Published:
         return json.loads(p.read_text()) if p.exists() else {}
 
     def artifacts(self) -> dict[str, Artifact]:
-        # paths are stored relative to the artifact directory, so a moved home keeps working
+        """Output name -> Artifact whose fingerprint is the hash of that output's content.
+
+        Downstream stages key on content, not on the producer's fingerprint: a producer that reruns
+        and writes the same bytes (a nightly crawl that found nothing new) rebuilds nothing after it.
+        Paths are stored relative to the artifact directory, so a moved home keeps working.
+        """
         return {
-            name: Artifact(name, str(self.dir / o["path"]), self.fingerprint, o.get("meta", {}))
+            name: Artifact(name, str(self.dir / o["path"]), o.get("content", self.fingerprint), o.get("meta", {}))
             for name, o in self.manifest.get("outputs", {}).items()
         }
 
@@ -190,12 +204,13 @@ class ArtifactStore:
         for p in sorted(final.rglob("*")):
             if p.is_file():
                 files.append({"path": str(p.relative_to(final)), "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+        content = {name: content_hash(files, name) for name in outputs}
         manifest = {
             "stage": stage,
             "fingerprint": fingerprint,
             "published_at": time.time(),
             "upstream": upstream,
-            "outputs": {name: {"path": name, "meta": meta} for name, meta in outputs.items()},
+            "outputs": {name: {"path": name, "content": content[name], "meta": meta} for name, meta in outputs.items()},
             "files": files,
         }
         write_json_atomic(final / MANIFEST, manifest)

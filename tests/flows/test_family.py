@@ -65,7 +65,7 @@ def test_dry_run_explains_why(tmp_path, calls, prefect_server, capsys):
     lines = {ln.split()[1]: ln for ln in err.splitlines() if ln.split()[:1] in (["run"], ["skip"])}
     assert lines["source"].split()[0] == "skip"
     assert lines["square"].split()[0] == "run" and "config square.power: 2 -> 4" in lines["square"]
-    assert lines["total"].split()[0] == "run" and "input squares changed" in lines["total"]
+    assert lines["total"].split()[0] == "run" and "after square rebuilds" in lines["total"]
     assert calls() == [], "a dry run runs nothing"
 
     assert cli(["status", "--json", "--recipe", TOY, "--home", str(home)]) == 0
@@ -115,3 +115,23 @@ def test_catalog_and_sql(tmp_path, calls, prefect_server, capsys):
     assert json.loads(capsys.readouterr().out.strip()) == {"s": 45}
     assert cli(["sql", "select * from nope", "--home", str(home)]) == 2
     assert "views: numbers" in capsys.readouterr().err
+
+
+def test_refresh_with_unchanged_output_rebuilds_nothing_downstream(tmp_path, calls, prefect_server, capsys):
+    """Early cutoff: inputs are keyed by content, so a refreshed stage writing the same bytes
+    (a nightly crawl that found nothing new) leaves everything after it reused."""
+    home = tmp_path / "home"
+    run_flow(home)
+    calls()
+    report = run_flow(home, refresh=["source"])
+    assert calls() == ["source"]
+    assert report["stages"]["square"]["status"] == "reused" and report["stages"]["total"]["status"] == "reused"
+
+    capsys.readouterr()
+    assert cli(["run", "--recipe", TOY, "--home", str(home), "--set", "source.n=11", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    lines = {ln.split()[1]: ln for ln in err.splitlines() if ln.split()[:1] in (["run"], ["skip"])}
+    assert "config source.n: 10 -> 11" in lines["source"]
+    assert "after source rebuilds" in lines["square"] and "after square rebuilds" in lines["total"]
+    run_flow(home, "source.n=11")
+    assert calls() == ["source", "square", "total"]
