@@ -12,6 +12,7 @@ Examples:
   family show filter                           one stage's artifact: files, config, metrics
   family sql "select reason, count(*) from excluded group by 1"
   family ui                                    Prefect UI and MLflow UI on 127.0.0.1 (Ctrl-C stops both)
+  family serve --refresh crawl                 nightly: re-crawl, rebuild only what the new pages change
 
 The home (default ./.family, or FAMILY_HOME, or --home) holds every artifact, the MLflow database
 and the Prefect database. A crashed run resumes where it stopped: run the same command again.
@@ -85,22 +86,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     home.ensure()
     (home.state / LAST_RUN).write_text(json.dumps({"recipe": str(recipe.path), "overrides": overrides, "time": time.time()}))
 
-    from flows.prefect_env import configure
+    from flows.prefect_env import api_server, configure
 
     configure(home)
-    if not args.no_track:  # import MLflow while Prefect's ephemeral server starts (saves ~2 s)
+    if not args.no_track:  # import MLflow while the Prefect API server starts (saves ~2 s)
         import threading
 
         threading.Thread(target=lambda: __import__("mlflow.tracking"), daemon=True).start()
-    from flows.family import family_flow
     from stages.contract import StageError
 
     t0 = time.perf_counter()
     try:
-        report = family_flow(
-            recipe=str(recipe.path), overrides=overrides, home=str(home.root),
-            force_from=args.from_, only=args.only, until=args.until, refresh=args.refresh, track=not args.no_track,
-        )  # fmt: skip
+        with api_server(home):  # before importing prefect: its settings are read once, at import
+            from flows.family import family_flow
+
+            report = family_flow(
+                recipe=str(recipe.path), overrides=overrides, home=str(home.root),
+                force_from=args.from_, only=args.only, until=args.until, refresh=args.refresh, track=not args.no_track,
+            )  # fmt: skip
     except StageError as e:
         return _err(str(e), 1)
     except KeyboardInterrupt:
@@ -219,43 +222,33 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def _free_port(preferred: int) -> int:
-    import socket
-
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    raise OSError("no free port")
-
-
 def cmd_ui(args: argparse.Namespace) -> int:
     import urllib.request
 
+    from flows.processes import die_with_parent, free_port
+
     home = Home.resolve(args.home).ensure()
-    prefect_port = _free_port(args.prefect_port)
-    mlflow_port = _free_port(args.mlflow_port)
+    prefect_port = free_port(args.prefect_port)
+    mlflow_port = free_port(args.mlflow_port)
     env = dict(os.environ, PREFECT_HOME=str(home.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     bin_dir = Path(sys.executable).parent
     procs = [
         subprocess.Popen(
             [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         ),
         subprocess.Popen(
             [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", home.mlflow_uri,
              "--default-artifact-root", home.mlflow_artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
-            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         ),
     ]  # fmt: skip
     prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
     info = home.prefect_home / "server.json"
 
     def stop(*_: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan the servers
         info.unlink(missing_ok=True)
         for p in procs:
             if p.poll() is None:
@@ -266,7 +259,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
 
-    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     print("starting Prefect server and MLflow UI on 127.0.0.1 ...", file=sys.stderr)
     try:
         deadline = time.monotonic() + args.timeout
@@ -303,6 +297,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
         stop()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the family flow on a schedule from this process (no work pool needed)."""
+    from flows.recipe import resolve_path
+    from stages.contract import ConfigError
+
+    home = Home.resolve(args.home)
+    try:
+        recipe = resolve_path(args.recipe)
+    except ConfigError as e:
+        return _err(str(e))
+    from flows.prefect_env import api_server, configure
+
+    configure(home)
+    params = {"recipe": str(recipe), "home": str(home.root), "refresh": args.refresh, "overrides": args.overrides}
+    print(f"serving deployment family/{args.name}: cron {args.cron!r}, {params}", file=sys.stderr)
+    with api_server(home):
+        from flows.family import family_flow
+
+        family_flow.serve(name=args.name, cron=args.cron, parameters=params, limit=1, pause_on_shutdown=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="family", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -335,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--limit", type=int, default=40, help="rows shown in table format")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("serve", help="run the family flow on a schedule (e.g. a nightly re-crawl)", epilog="example: family serve --cron '0 3 * * *' --refresh crawl")
+    _add_common(p)
+    p.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00)")
+    p.add_argument("--refresh", action="append", default=[], metavar="STAGE", help="stages rerun on every scheduled run (default: crawl)")
+    p.add_argument("--name", default="nightly", help="deployment name")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="Prefect UI and MLflow UI for this home on 127.0.0.1")
     p.add_argument("--home")

@@ -37,6 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
 from flows.plan import StagePlan, make_plan
+from flows.processes import die_with_parent
 from flows.recipe import Recipe, StageSpec, load_recipe
 from stages.contract import StageContext, StageError, StageResult, TqdmProgress, check_result
 from storage.artifacts import Artifact, ArtifactStore, write_json_atomic
@@ -108,17 +109,6 @@ class Launch:
     seed: int
 
 
-def _die_with_parent() -> None:
-    """preexec for launched trainers: their own process group, killed if we die (even SIGKILL)."""
-    os.setsid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def run_torchrun(launch: Launch, ctx: StageContext, tracker_run: str | None, tracking_uri: str | None) -> StageResult:
     """Run the stage under torchrun in its own process group; forward SIGTERM/SIGINT to the group."""
     work = ctx.run_dir.parent
@@ -137,7 +127,7 @@ def run_torchrun(launch: Launch, ctx: StageContext, tracker_run: str | None, tra
         "--checkpoint-dir", str(ctx.checkpoint_dir), "--state-dir", str(ctx.state_dir),
         "--device", launch.device, "--seed", str(launch.seed),
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
 
     def forward(signum, frame):
         try:

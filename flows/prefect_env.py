@@ -1,15 +1,24 @@
 """Point Prefect at the home before it is imported: its database lives in `<home>/prefect`.
 
-With no server running, each `family run` starts Prefect's ephemeral server on the home's SQLite
-database, so `family ui` later shows every past run. If `family ui` is running for this home, its
+With no server running, `family run` starts a temporary API server on the home's SQLite database
+(what Prefect calls the ephemeral server, but started by us so that it dies with the run, even on
+SIGKILL), so `family ui` later shows every past run. If `family ui` is running for this home, its
 API URL is recorded in `<home>/prefect/server.json` and runs talk to it instead (no start-up cost).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
+import time
 import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
+from flows.processes import die_with_parent, free_port, stop_group
 from storage.home import Home
 
 
@@ -37,5 +46,42 @@ def configure(home: Home, use_server: bool = True) -> None:
     url = server_url(home) if use_server else None
     if url:
         os.environ["PREFECT_API_URL"] = url
-    elif os.environ.get("PREFECT_API_URL", "").startswith("http://127.0.0.1") and not use_server:
-        del os.environ["PREFECT_API_URL"]
+
+
+@contextmanager
+def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
+    """The API URL of a Prefect server for this home: `family ui`'s if live, else a temporary one."""
+    url = os.environ.get("PREFECT_API_URL") or server_url(home)
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+        return
+    port = free_port()
+    app_dir = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
+    env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+    cmd = [
+        sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory", "prefect.server.api.server:create_app",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+                raise RuntimeError(f"Prefect API server exited with code {proc.returncode}: {err[-1] if err else ''}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Prefect API server not healthy after {timeout_s:.0f} s")
+            time.sleep(0.1)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        stop_group(proc)

@@ -47,7 +47,8 @@ class Home:
 
     @property
     def mlflow_uri(self) -> str:
-        return f"sqlite:///{self.mlflow_db}"
+        """The home's SQLite backend, unless MLFLOW_TRACKING_URI points at a shared server."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.mlflow_db}"
 
     @property
     def mlflow_artifacts(self) -> Path:

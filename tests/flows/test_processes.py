@@ -31,6 +31,18 @@ def family(home: Path, *args: str, calls: Path, **kw) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def processes_of(home: Path) -> list[int]:
+    """Live processes started for this home (found by FAMILY_HOME in their environment)."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"FAMILY_HOME={home}\0".encode() in env.read_bytes():
+                found.append(int(env.parent.name))
+        except OSError:
+            pass
+    return found
+
+
 def test_kill_9_mid_stage_then_resume(tmp_path):
     home, calls = tmp_path / "home", tmp_path / "calls.log"
     slow = ["--set", "square.steps=40", "--set", "square.step_sleep_s=0.25"]
@@ -43,6 +55,10 @@ def test_kill_9_mid_stage_then_resume(tmp_path):
         time.sleep(0.1)
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    deadline = time.monotonic() + 10
+    while processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_of(home) == [], "the run's API server died with it"
 
     store = ArtifactStore(Home(home))
     assert store.history("source"), "the finished upstream stage stays published"
