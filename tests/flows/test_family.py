@@ -135,3 +135,26 @@ def test_refresh_with_unchanged_output_rebuilds_nothing_downstream(tmp_path, cal
     assert "after source rebuilds" in lines["square"] and "after square rebuilds" in lines["total"]
     run_flow(home, "source.n=11")
     assert calls() == ["source", "square", "total"]
+
+
+@pytest.mark.slow
+def test_stage_launched_under_torchrun(tmp_path, calls, prefect_server, monkeypatch):
+    """`launch: {square: {nproc: 2}}` runs the stage as `python -m <module>` under torchrun, in its
+    own process group; rank 0 reports the result, metrics reach the MLflow child run."""
+    from mlflow.tracking import MlflowClient
+
+    recipe = tmp_path / "toy2.yaml"
+    recipe.write_text(Path(TOY).read_text() + "launch:\n  square: {nproc: 2}\n")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    from flows.family import family_flow
+
+    home = Home(tmp_path / "home")
+    report = family_flow(recipe=str(recipe), home=str(home.root))
+    assert report["stages"]["square"]["status"] == "built"
+    assert calls().count("square") == 2, "both ranks ran the stage body"
+    square = ArtifactStore(home).history("square")[0]
+    assert square.result["metrics"]["sum"] == 285.0
+    client = MlflowClient(home.mlflow_uri)
+    exp = client.get_experiment_by_name("family-toy")
+    child = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "square"][0]
+    assert {m.step for m in client.get_metric_history(child.info.run_id, "acc")} >= {0, 4}

@@ -25,7 +25,8 @@ OUTPUTS = ("squares",)
 def run(cfg: Config, inputs, ctx: StageContext) -> StageResult:
     xs = read_table(inputs["numbers"].path, NUMBERS).column("x").to_pylist()
     start, acc = 0, 0
-    last = checkpoints.latest(ctx.checkpoint_dir)
+    ckpt_dir = ctx.checkpoint_dir / f"rank{ctx.rank}" if ctx.world_size > 1 else ctx.checkpoint_dir
+    last = checkpoints.latest(ckpt_dir)
     if last is not None:
         _, _, meta = checkpoints.load(last)
         start, acc = meta["step"], meta["acc"]
@@ -33,7 +34,7 @@ def run(cfg: Config, inputs, ctx: StageContext) -> StageResult:
     out.mkdir(parents=True, exist_ok=True)
     for step in range(start, cfg.steps):
         acc += step
-        checkpoints.save(ctx.checkpoint_dir, step + 1, {}, meta={"acc": acc})
+        checkpoints.save(ckpt_dir, step + 1, {}, meta={"acc": acc})
         ctx.progress(step + 1, cfg.steps, "steps")
         ctx.tracker.log_metrics({"acc": acc}, step=step)
         (out / "squares.json").write_text("[1, 4")  # a half-written output while "training"
@@ -42,3 +43,11 @@ def run(cfg: Config, inputs, ctx: StageContext) -> StageResult:
     (out / "squares.json").write_text(json.dumps(squares))
     log_call("square")
     return StageResult(outputs={"squares": {"n": len(xs)}}, metrics={"sum": float(sum(squares)), "resumed_from": float(start), "acc": float(acc)})
+
+
+if __name__ == "__main__":
+    import sys
+
+    from stages.contract import main
+
+    raise SystemExit(main(sys.modules[__name__]))
