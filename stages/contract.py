@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from storage.artifacts import Artifact
 from storage.tracking import NullTracker, Tracker, tracker_from_env
