@@ -281,6 +281,14 @@ def stage_task(
         if lineage is not None:
             tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
             tracker.log_dict(pub.manifest, "manifest.json")
+            for out, member in recipe.register.items():
+                if out in result.outputs:
+                    name = f"{recipe.name}-{member}"
+                    try:
+                        version = lineage.register(name, tracker.run_id, pub.dir / out, {"fingerprint": plan.fingerprint, "stage": stage})
+                        logger.info("registered %s version %s (models:/%s/latest)", name, version, name)
+                    except Exception as e:  # the artifact is published; a registry hiccup must not undo that
+                        logger.warning("could not register %s in MLflow: %s", name, e)
             if result.summary:
                 tracker.log_text(md, "summary.md")
             lineage.end(tracker.run_id)
@@ -295,7 +303,13 @@ def _echo(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@flow(name="family", flow_run_name="{recipe}", log_prints=False, validate_parameters=False)
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"{Path(flow_run.parameters.get('recipe', 'tiny')).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@flow(name="family", flow_run_name=_flow_run_name, log_prints=False, validate_parameters=False)
 def family_flow(
     recipe: str = "tiny",
     overrides: list[str] | None = None,

@@ -12,6 +12,9 @@ A recipe is `flows/recipes/<name>.yaml` (or any path):
       my_stage: mypkg.my_stage
     launch:                 # optional: run a stage under torchrun with N processes
       pretrain: {nproc: 2}
+    register:               # optional: outputs registered in MLflow as <recipe>-<member>
+      base: base
+      grpo: chat
 
 `--set stage.field=value` overrides one field (the value is read as YAML). Everything is validated
 before anything runs: an unknown stage or field, a value of the wrong type, or an input that no
@@ -33,7 +36,7 @@ import yaml
 from stages.contract import ConfigError, check_type, build_config, config_to_json
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment"}
+TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register"}
 
 
 class RecipeError(ConfigError):
@@ -74,6 +77,7 @@ class Recipe:
     producers: dict[str, str]  # artifact name -> stage
     overrides: list[str] = field(default_factory=list)
     description: str = ""
+    register: dict[str, str] = field(default_factory=dict)  # output name -> family member name
 
     def upstream(self, stage: str) -> list[str]:
         return [self.producers[i] for i in self.stages[stage].inputs]
@@ -206,6 +210,10 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
     if device not in ("auto", "cpu", "cuda") and not str(device).startswith("cuda:"):
         raise RecipeError(f"{path}: device must be auto, cpu or cuda, got {device!r}")
     name = raw.get("name") or path.stem
+    register = raw.get("register") or {}
+    for out in register:
+        if out not in producers:
+            raise RecipeError(f"{path}: register: no stage of recipe {path.stem} produces {out!r}")
     return Recipe(
         name=name,
         path=path,
@@ -216,6 +224,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
         producers=producers,
         overrides=list(overrides),
         description=raw.get("description", ""),
+        register={str(k): str(v) for k, v in register.items()},
     )
 
 

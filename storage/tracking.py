@@ -171,6 +171,23 @@ class Lineage:
         run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
         return MlflowTracker(self.uri, run.info.run_id)
 
+    def register(self, model_name: str, run_id: str, model_dir: Path, tags: dict[str, str]) -> str:
+        """Log a model directory to a run and register it as a new version of `model_name`.
+
+        MLflow reserves the alias `latest`: `models:/<name>/latest` always resolves to the newest
+        version, which is this one. Gates set `champion` (see the evaluate stage).
+        """
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(run_id, str(model_dir), "model")
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException:  # already registered
+            pass
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        version = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+        return version.version
+
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 

@@ -106,6 +106,8 @@ def test_mlflow_parent_and_child_runs(tmp_path, calls, prefect_server):
     assert sq.data.tags["fingerprint"] and sq.data.tags["prefect.flow_run_id"]
     assert sq.info.status == "FINISHED"
     assert Path(exp.artifact_location.removeprefix("file://")).is_absolute()
+    versions = client.search_model_versions("name = 'toy-total'")  # the recipe's `register:`
+    assert [v.run_id for v in versions] == [children["total"].info.run_id]
 
 
 def test_catalog_and_sql(tmp_path, calls, prefect_server, capsys):
