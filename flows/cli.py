@@ -11,6 +11,8 @@ Examples:
   family status --json                         every stage's state, fingerprint and headline metrics
   family show filter                           one stage's artifact: files, config, metrics
   family sql "select reason, count(*) from excluded group by 1"
+  family generate --model base "The json module"   sample from the base model
+  family chat                                  talk to the newest chat model (grpo, else dpo, else sft)
   family ui                                    Prefect UI and MLflow UI on 127.0.0.1 (Ctrl-C stops both)
   family serve --refresh crawl                 nightly: re-crawl, rebuild only what the new pages change
 
@@ -319,6 +321,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_MODELS = ("grpo", "dpo", "sft")  # newest stage of the chat line first
+
+
+def resolve_model(home: Home, name: str) -> Path:
+    """A model directory from a path, an output name (base, sft, dpo, grpo) or `chat` (the newest
+    stage of the chat line that is published)."""
+    from storage.artifacts import ArtifactStore
+
+    p = Path(name)
+    if p.is_dir() and (p / "config.json").exists():
+        return p
+    store = ArtifactStore(home)
+    wanted = CHAT_MODELS if name == "chat" else (name,)
+    for out in wanted:
+        for stage in store.stages():
+            for pub in store.history(stage):
+                art = pub.artifacts().get(out)
+                if art is not None:
+                    return Path(art.path)
+    known = sorted({o for s in store.stages() for pub in store.history(s)[:1] for o in pub.artifacts() if (Path(pub.dir) / o / "config.json").exists()})
+    raise FileNotFoundError(f"no model {name!r} in {home.root} (models: {', '.join(known) or 'none yet; run `family run`'})")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.generate import generate
+    from models.gpt import GPT
+    from models.tokenizer import Tokenizer
+
+    try:
+        model_dir = resolve_model(Home.resolve(args.home), args.model)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    torch.manual_seed(args.seed)
+    model = GPT.from_pretrained(model_dir).eval()
+    tok = Tokenizer.load(model_dir)
+    prompts = [tok.encode(p) for p in args.prompt]
+    gen = torch.Generator().manual_seed(args.seed)
+    with torch.inference_mode():
+        outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=(tok.eot_id,), pad_id=tok.eot_id, generator=gen)
+    for prompt, out in zip(args.prompt, outs):
+        print(prompt + tok.decode(out))
+        if len(args.prompt) > 1:
+            print("-" * 40)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from flows.chat import chat_main
+
+    try:
+        model_dir = resolve_model(Home.resolve(args.home), args.model)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    return chat_main(model_dir, args.prompt, args.max_new_tokens, args.temperature, args.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="family", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -351,6 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--limit", type=int, default=40, help="rows shown in table format")
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("generate", help="sample text from a model of the family", epilog='example: family generate --model base "The json module"')
+    p.add_argument("prompt", nargs="+", help="one or more prompts (batched)")
+    p.add_argument("--model", default="base", help="base, sft, dpo, grpo, chat, or a model directory (default: base)")
+    p.add_argument("--home")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model of the family (interactive, or one-shot with --prompt)", epilog='example: family chat --prompt "What is 12 + 30?"')
+    p.add_argument("--model", default="chat", help="chat (newest of grpo, dpo, sft), sft, dpo, grpo, or a model directory")
+    p.add_argument("--prompt", help="one-shot: answer this and exit")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--home")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="run the family flow on a schedule (e.g. a nightly re-crawl)", epilog="example: family serve --cron '0 3 * * *' --refresh crawl")
     _add_common(p)

@@ -15,7 +15,7 @@ from typing import Any
 
 from flows.recipe import Recipe, RecipeError
 from storage.artifacts import ArtifactStore, Published
-from storage.fingerprint import _module_digest, code_hash, code_modules, fingerprint
+from storage.fingerprint import _module_digest, code_hash, code_modules, files_hash, fingerprint
 from storage.home import Home
 
 
@@ -55,8 +55,8 @@ def explain_change(stage: str, config: dict[str, Any], plan_doc: dict[str, Any],
         reasons.append(f"{len(changed) - 3} more config fields")
     prev_inputs = prev.get("inputs", {})
     for name, fp in plan_doc["inputs"].items():
-        if not skip_inputs and prev_inputs.get(name) != fp:
-            reasons.append(f"input {name} changed")
+        if prev_inputs.get(name) != fp and (not skip_inputs or name.startswith("files:")):
+            reasons.append(f"content of {name[6:]} changed" if name.startswith("files:") else f"input {name} changed")
     if prev.get("code") != plan_doc["code"]:
         old = prev.get("code_modules", {})
         mods = [m for m, d in plan_doc["code_modules"].items() if old.get(m) != d]
@@ -103,6 +103,11 @@ def make_plan(
         history = store.history(name)
         pending = [i for i in spec.inputs if i not in outputs]
         inputs = {i: outputs.get(i, "") for i in spec.inputs}
+        for fld in getattr(spec.module, "INPUT_FILES", ()):  # user files: their content, not their name
+            value = config.get(fld) or ()
+            paths = [value] if isinstance(value, str) else list(value)
+            if paths:
+                inputs[f"files:{fld}"] = files_hash(paths)
         doc = {"code": code, "code_modules": digests, "inputs": inputs}
         fp = "" if pending else fingerprint(name, code, config, inputs)
         published = store.published(name, fp) if fp else None

@@ -6,6 +6,10 @@ A stage module exports
     INPUTS, OUTPUTS             tuples of artifact names (the DAG is wired by these names)
     run(cfg, inputs, ctx) -> StageResult
 
+and optionally `INPUT_FILES`, the names of Config fields that hold paths of user files (a recipe's
+WARC files, word lists, datasets): their content goes into the stage's fingerprint, so editing such
+a file rebuilds the stage, `NETWORK = True` (retried on network errors) and `GPU = True`.
+
 `run` reads only its inputs' paths, writes only under `ctx.run_dir` (one file or directory per
 output name), logs only through `ctx.tracker`, and reports progress through `ctx.progress`. It may
 keep checkpoints in `ctx.checkpoint_dir`; they survive a crash and are removed once the artifact is
@@ -253,7 +257,8 @@ def check_result(module: types.ModuleType, result: StageResult, run_dir: Path) -
 
 def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
     """`python -m stages.<name> --config c.json --inputs i.json --run-dir DIR`."""
-    name = module.__name__.rsplit(".", 1)[-1]
+    spec = getattr(module, "__spec__", None)  # under `python -m`, __name__ is "__main__"
+    name = (spec.name if spec is not None else module.__name__).rsplit(".", 1)[-1]
     p = argparse.ArgumentParser(
         prog=f"python -m stages.{name}",
         description=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None,

@@ -58,6 +58,7 @@ from storage.parquet import ShardWriter, files, read_table, write_table
 INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("pages",)
 NETWORK = True
+INPUT_FILES = ("paths",)  # WARC and local sources: their content is part of the fingerprint
 
 PYDOC_ORIGIN = f"http://pydoc.localhost/{sys.version_info.major}.{sys.version_info.minor}/"
 ROWS_PER_SHARD = 500  # pages are up to max_bytes each: keep a shard to a few tens of MB

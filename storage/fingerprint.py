@@ -92,6 +92,21 @@ def code_modules(module: str) -> list[str]:
     return sorted(seen)
 
 
+def files_hash(paths: list[str]) -> str:
+    """Content hash of user files named in a config (a directory: every file under it)."""
+    h = hashlib.sha256()
+    for raw in sorted(paths):
+        p = Path(raw.split("::", 1)[0]).expanduser()  # "path::format" specs name a file too
+        found = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.is_file() else []
+        h.update(f"{raw}\0{len(found)}\n".encode())
+        for f in found:
+            h.update(f"{f.relative_to(p) if p.is_dir() else f.name}\0".encode())
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def fingerprint(stage: str, code: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
     payload = {"stage": stage, "code": code, "config": config, "inputs": inputs}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:16]

@@ -160,3 +160,16 @@ def test_stage_launched_under_torchrun(tmp_path, calls, prefect_server, monkeypa
     exp = client.get_experiment_by_name("family-toy")
     child = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("stage") == "square"][0]
     assert {m.step for m in client.get_metric_history(child.info.run_id, "acc")} >= {0, 4}
+
+
+def test_user_file_content_is_part_of_the_fingerprint(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("v1")
+    home = Home(tmp_path / "home")
+    plan = {p.stage: p for p in make_plan(load_recipe(TOY, [f"source.notes_file={notes}"]), home)}
+    fp1 = plan["source"].fingerprint
+    notes.write_text("v2")
+    fp2 = {p.stage: p for p in make_plan(load_recipe(TOY, [f"source.notes_file={notes}"]), home)}["source"].fingerprint
+    assert fp1 != fp2
+    notes.write_text("v1")
+    assert {p.stage: p for p in make_plan(load_recipe(TOY, [f"source.notes_file={notes}"]), home)}["source"].fingerprint == fp1

@@ -14,10 +14,12 @@ class Config:
     n: int = 10
     sleep_s: float = 0.0
     fail: bool = False
+    notes_file: str = ""  # a user file: its content is part of the fingerprint
 
 
 INPUTS: tuple[str, ...] = ()
 OUTPUTS = ("numbers",)
+INPUT_FILES = ("notes_file",)
 
 
 def run(cfg: Config, inputs, ctx: StageContext) -> StageResult:
