@@ -110,6 +110,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _err(str(e), 1)
     except KeyboardInterrupt:
         return _err("interrupted; run the same command again to resume", 130)
+    if report.get("funnel"):
+        from flows.funnel import render
+
+        print(render(report["funnel"]["steps"], report["funnel"]["drops"]), file=sys.stderr)
     built = [s for s, r in report["stages"].items() if r["status"] == "built"]
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(built)} built, {len(report['stages']) - len(built)} reused; home {home.root}", file=sys.stderr)
     print("next: `family status`, `family ui`, `family sql \"select * from docs_clean limit 5\"`", file=sys.stderr)

@@ -299,6 +299,23 @@ def stage_task(
 # -- the flow ------------------------------------------------------------------------------------
 
 
+def _data_funnel(outputs: dict[str, dict[str, Any]], flow_key: str, lineage: Lineage | None, parent: str | None, report: dict[str, Any]) -> None:
+    """pages -> docs -> deduped -> kept across the data stages: a Prefect table, MLflow metrics."""
+    from flows.funnel import funnel
+
+    steps, drops = funnel({name: art["path"] for name, art in outputs.items()})
+    if len(steps) < 2:
+        return
+    report["funnel"] = {"steps": steps, "drops": drops}
+    create_table_artifact(steps, key=artifact_key(flow_key, "funnel"), description="documents and bytes left after each data stage")
+    if drops:
+        create_table_artifact(drops, key=artifact_key(flow_key, "drops"), description="documents dropped, by stage and reason")
+    if lineage is not None and parent:
+        metrics = {f"funnel/{s['step']}_docs": s["docs"] for s in steps} | {f"funnel/{s['step']}_bytes": s["bytes"] for s in steps}
+        metrics |= {f"dropped/{d['stage']}/{d['reason']}"[:250]: d["docs"] for d in drops}
+        MlflowTracker(lineage.uri, parent).log_metrics(metrics)
+
+
 def _echo(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -400,6 +417,7 @@ def family_flow(
             lineage.end(parent, "KILLED")
         raise
     report["seconds"] = time.perf_counter() - t_flow
+    _data_funnel(outputs, flow_key, lineage, parent, report)
     if lineage is not None:
         lineage.client.log_metric(parent, "flow_seconds", report["seconds"])
         lineage.client.log_metric(parent, "stages_built", sum(1 for s in report["stages"].values() if s["status"] == "built"))

@@ -8,13 +8,13 @@ How, in the order FineWeb and dolma apply them (cheapest and surest first):
 1. URLs: `normalize_url` lowercases scheme and host, drops default ports, fragments, user info and
    tracking parameters (utm_*, gclid, fbclid, msclkid, mc_cid, mc_eid), sorts the query, and strips
    `index.html` and the trailing slash. A repeated normalised URL -> "duplicate_url".
-2. Exact text: DuckDB reads the Parquet directly and groups on md5 of the normalised text
-   (datatrove's `simplify_text`: lowercase, numbers -> 0, punctuation -> space, no diacritics,
-   whitespace collapsed; `stages.text.normalize.simplify_sql`). Repeats -> "exact_duplicate".
+2. Exact text: md5 of the normalised text (datatrove's `simplify_text`: lowercase, numbers -> 0,
+   punctuation -> space, no diacritics, whitespace collapsed). DuckDB groups the (row, hash) table
+   and joins it with the index's hashes; a repeat -> "exact_duplicate".
 3. Near-duplicates: MinHash (Broder 1997) of word 5-gram shingles on the same normalised text,
-   character 5-grams for CJK-dominant text (`stages.text.minhash`), banded LSH (Indyk & Motwani 1998,
-   datasketch `MinHashLSH`), every candidate pair verified by its exact shingle Jaccard, union-find
-   over the verified pairs. All but one document of a cluster -> "near_duplicate".
+   character 5-grams for CJK-dominant text, banded LSH (Indyk & Motwani 1998, datasketch
+   `MinHashLSH`), every candidate pair verified by its exact shingle Jaccard, union-find over the
+   verified pairs. All but one document of a cluster -> "near_duplicate".
 
 Why 112 permutations as 16 bands x 7 rows, and a verification at J >= 0.8: a pair with Jaccard s
 becomes a candidate with probability P(s) = 1 - (1 - s^r)^b. FineWeb uses 14 x 8 (threshold
@@ -39,8 +39,12 @@ kept; one whose text changed replaces its old entry; a new document that duplica
 dropped. The shingle hashes (4 bytes per word kept) are stored so that cross-run pairs are verified
 exactly, like in-run ones. `incremental=False` ignores the index.
 
-Signatures are computed on a fork Pool(`workers`) over chunks of documents; DuckDB runs before the
-pool starts, never in a forked child.
+The text is read and normalised once, in one pass on a fork Pool(`workers`) over chunks of the
+documents left after step 1 (`stages.text.minhash.parallel_text_keys`): each yields its normalised
+text hash, shingle hashes and signature. Exact duplicates thus get a signature they do not use; a
+normalise-and-sign costs about 3.5x a normalisation (`python -m bench.dedupe`), so this beats a
+separate hashing pass, which normalises every kept text twice, while fewer than ~28% (1/3.5) of the
+documents are exact duplicates. DuckDB runs after the pool has closed, never in a forked child.
 
 Run:
     python -m stages.dedupe --config c.json --inputs i.json --run-dir DIR --state-dir STATE
@@ -64,8 +68,7 @@ import pyarrow.parquet as pq
 from datasketch import LeanMinHash, MinHashLSH
 
 from stages.contract import StageContext, StageError, StageResult, main
-from stages.text.minhash import ShingleSpec, jaccard, parallel_signatures
-from stages.text.normalize import simplify_sql
+from stages.text.minhash import ShingleSpec, jaccard, parallel_text_keys
 from storage import parquet
 from storage.artifacts import Artifact
 
@@ -130,39 +133,25 @@ def normalize_url(url: str) -> str:
 # -- 2. exact text -------------------------------------------------------------------------------
 
 
-def _sql_string(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
+def exact_duplicates(norm_hashes: list[str], previous: dict[str, str], threads: int = 2) -> list[tuple[int, int, str | None]]:
+    """The rows of `norm_hashes` (hashes of normalised text, in input order) that repeat an earlier
+    row or a document kept by an earlier run (`previous`: hash -> its id), grouped in DuckDB.
 
-
-def exact_duplicates(
-    files: list[Path], alive: list[int], previous: dict[str, str], threads: int = 2
-) -> list[tuple[int, str, int, str | None]]:
-    """Group the documents at positions `alive` by md5 of their normalised text, in DuckDB.
-
-    Positions count rows across `files` in order. Returns, for every alive position in order,
-    (position, text hash, first alive position with that hash, id of a previously kept document
-    with that hash or None).
+    Returns (row, first row with that hash, the earlier run's id or None) for those rows only, in no
+    particular order. A first row is listed only when it repeats an earlier run's document.
     """
-    sizes = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    offsets = pa.table({"filename": [str(f) for f in files], "base": np.cumsum([0] + sizes[:-1]).astype(np.int64)})
-    alive_t = pa.table({"pos": pa.array(alive, pa.int64())})
-    previous_t = pa.table({"h": list(previous), "kept_id": list(previous.values())}, schema=pa.schema([("h", pa.string()), ("kept_id", pa.string())]))
-    file_list = "[" + ", ".join(_sql_string(str(f)) for f in files) + "]"
-    sql = f"""
-        WITH docs AS (
-            SELECT o.base + p.file_row_number AS pos, p.text
-            FROM read_parquet({file_list}, filename = true, file_row_number = true) p JOIN offsets o USING (filename)
-        ),
-        run AS (SELECT pos, md5({simplify_sql('text')}) AS h FROM docs SEMI JOIN alive_t USING (pos))
-        SELECT run.pos, run.h, min(run.pos) OVER (PARTITION BY run.h) AS first_pos, previous_t.kept_id
-        FROM run LEFT JOIN previous_t USING (h)
-        ORDER BY run.pos
+    run_t = pa.table({"row": pa.array(np.arange(len(norm_hashes), dtype=np.int64)), "h": pa.array(norm_hashes, pa.string())})
+    previous_t = pa.table({"h": pa.array(list(previous), pa.string()), "kept_id": pa.array(list(previous.values()), pa.string())})
+    sql = """
+        WITH firsts AS (SELECT h, min(row) AS first_row FROM run_t GROUP BY h)
+        SELECT run_t.row, firsts.first_row, previous_t.kept_id
+        FROM run_t JOIN firsts USING (h) LEFT JOIN previous_t USING (h)
+        WHERE run_t.row <> firsts.first_row OR previous_t.kept_id IS NOT NULL
     """
     with duckdb.connect(config={"threads": threads}) as con:
-        con.register("offsets", offsets)
-        con.register("alive_t", alive_t)
+        con.register("run_t", run_t)
         con.register("previous_t", previous_t)
-        return con.execute(sql).fetchall()
+        return con.sql(sql).fetchall()
 
 
 # -- 3. near-duplicates --------------------------------------------------------------------------
@@ -306,7 +295,6 @@ def _excluded_row(doc: dict[str, Any], reason: str, detail: str) -> dict[str, An
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
     docs_path = Path(inputs["docs"].path)
     try:
-        files = parquet.files(docs_path)
         table = parquet.read_table(docs_path, "docs")
     except (FileNotFoundError, parquet.SchemaError) as e:
         raise StageError(f"dedupe: cannot read docs at {docs_path}: {e}; rerun the extract stage") from None
@@ -342,23 +330,21 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             else:
                 seen_url[url_keys[i]] = ids[i]
 
-        # 2. exact text, in DuckDB over the Parquet files
+        # one pass over the text of the documents left: normalised-text hash, signature, shingles
         alive = [i for i in range(n) if i not in dropped and i not in carried_set]
-        previous_hashes = {prev["norm_hash"][j]: prev["id"][j] for j in keep_prev}
-        norm_hash: dict[int, str] = {}
-        for pos, h, first_pos, kept_id in exact_duplicates(files, alive, previous_hashes, threads=cfg.workers):
-            norm_hash[pos] = h
-            if kept_id is not None:
-                dropped[pos] = ("exact_duplicate", kept_id)
-            elif first_pos != pos:
-                dropped[pos] = ("exact_duplicate", ids[first_pos])
-
-        # 3. near-duplicates: signatures in parallel, LSH with the earlier kept docs, verified pairs
-        alive = [i for i in alive if i not in dropped]
         texts = table.column("text").take(pa.array(alive, pa.int64())).to_pylist() if alive else []
-        sigs, shingle_list = parallel_signatures(
-            texts, cfg.shingle_spec(), cfg.workers, cfg.docs_per_task, lambda d, t: ctx.progress(d, t, "signatures")
+        norm_hashes, sigs, shingle_list = parallel_text_keys(
+            texts, cfg.shingle_spec(), cfg.workers, cfg.docs_per_task, lambda d, t: ctx.progress(d, t, "text keys")
         )
+        row_of = {i: r for r, i in enumerate(alive)}
+
+        # 2. exact text: DuckDB groups the hashes, and matches them with the earlier runs' ones
+        previous_hashes = {prev["norm_hash"][j]: prev["id"][j] for j in keep_prev}
+        for row, first_row, kept_id in exact_duplicates(norm_hashes, previous_hashes, threads=cfg.workers):
+            dropped[alive[row]] = ("exact_duplicate", kept_id if kept_id is not None else ids[alive[first_row]])
+
+        # 3. near-duplicates: LSH with the earlier kept docs, every candidate pair verified
+        alive = [i for i in alive if i not in dropped]
         lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows))
         shingles: dict[str, np.ndarray] = {}
         rank: dict[str, int] = {}
@@ -368,7 +354,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         for j in old:
             shingles[prev["id"][j]] = prev["shingles"][j]
         near_dup_ids, near_dup_sigs = [], []
-        for i, sig, sh in zip(alive, sigs, shingle_list):
+        for i in alive:
+            sig, sh = sigs[row_of[i]], shingle_list[row_of[i]]
             rank[ids[i]] = len(keep_prev) + i
             if sh.size:  # a text without shingles (only punctuation) cannot be compared
                 shingles[ids[i]] = sh
@@ -410,7 +397,6 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
         # the index grows by this run's new kept docs; written last, in one atomic step
         if cfg.incremental:
-            row_of = {i: r for r, i in enumerate(alive)}
             new = [i for i in kept if i not in carried_set]
             save_index(
                 index_path,
@@ -418,7 +404,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                     "id": [prev["id"][j] for j in keep_prev] + [ids[i] for i in new],
                     "url_key": [prev["url_key"][j] for j in keep_prev] + [url_keys[i] for i in new],
                     "sha256": [prev["sha256"][j] for j in keep_prev] + [sha[i] for i in new],
-                    "norm_hash": [prev["norm_hash"][j] for j in keep_prev] + [norm_hash[i] for i in new],
+                    "norm_hash": [prev["norm_hash"][j] for j in keep_prev] + [norm_hashes[row_of[i]] for i in new],
                     "signature": [prev["signature"][j] for j in keep_prev] + [sigs[row_of[i]] for i in new],
                     "shingles": [prev["shingles"][j] for j in keep_prev] + [shingle_list[row_of[i]] for i in new],
                 },

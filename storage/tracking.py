@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +59,11 @@ class NullTracker:
         self.texts[name] = json.dumps(obj, default=str)
 
 
+def metric_key(name: str) -> str:
+    """MLflow accepts letters, digits, _ - . / and spaces: `dropped/gopher:min_words` -> `dropped/gopher.min_words`."""
+    return re.sub(r"[^\w\-./ ]", ".", name)[:250]
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -94,7 +100,7 @@ class MlflowTracker:
 
         ts = int(time.time() * 1000)
         items = [
-            Metric(k, float(v), ts, step or 0)
+            Metric(metric_key(k), float(v), ts, step or 0)
             for k, v in metrics.items()
             if v is not None and not (isinstance(v, float) and math.isnan(v))
         ]

@@ -1,4 +1,7 @@
-"""MinHash signatures of documents, computed in parallel.
+"""The keys documents are deduplicated on, computed in one parallel pass over their text.
+
+Each text is normalised once (`simplify_text`) and gives three keys: the md5 of the normalised text
+(hex, the exact-duplicate key), its shingle hashes and its MinHash signature.
 
 Shingles (Broder 1997): word 5-grams of `simplify_text(text)`, as FineWeb/datatrove; for
 CJK-dominant text, which has no spaces between words, character 5-grams of the text with its spaces
@@ -13,11 +16,12 @@ and `shingle_hashes` doubles as the exact shingle set for verifying candidate pa
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from datasketch import MinHash
@@ -47,9 +51,18 @@ def is_cjk_dominant(simplified: str, ratio: float) -> bool:
     return chars > 0 and len(_CJK.findall(simplified)) >= ratio * chars
 
 
+class TextKeys(NamedTuple):
+    norm_hashes: list[str]  # md5 hex of the UTF-8 of simplify_text(text): equal for exact duplicates
+    signatures: np.ndarray  # (N, num_perm) uint32
+    shingles: list[np.ndarray]  # N sorted unique (S,) uint32 arrays
+
+
 def shingle_hashes(text: str, spec: ShingleSpec) -> np.ndarray:
     """Sorted unique 32-bit hashes of the shingles of `text`: (S,) uint32, S = 0 for blank text."""
-    s = simplify_text(text)
+    return _shingles_of_simplified(simplify_text(text), spec)
+
+
+def _shingles_of_simplified(s: str, spec: ShingleSpec) -> np.ndarray:
     if is_cjk_dominant(s, spec.cjk_ratio):
         units = np.frombuffer(s.replace(" ", "").encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
         n = spec.char_ngram
@@ -78,45 +91,48 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 0.0
 
 
-def signatures(texts: Sequence[str], spec: ShingleSpec) -> tuple[np.ndarray, list[np.ndarray]]:
-    """MinHash signatures (N, num_perm) uint32 and shingle sets of `texts`, in this process.
+def text_keys(texts: Sequence[str], spec: ShingleSpec) -> TextKeys:
+    """Normalised-text hashes, MinHash signatures and shingle sets of `texts`, in this process.
 
     A text without shingles gets an all-max signature; callers must not index it (it would match
     every other empty text).
     """
-    shingles = [shingle_hashes(t, spec) for t in texts]
+    simplified = [simplify_text(t) for t in texts]
+    norm_hashes = [hashlib.md5(s.encode()).hexdigest() for s in simplified]
+    shingles = [_shingles_of_simplified(s, spec) for s in simplified]
     minhashes = MinHash.bulk([s.tolist() for s in shingles], num_perm=spec.num_perm, seed=spec.seed, hashfunc=int)
     sigs = np.stack([m.hashvalues for m in minhashes]) if minhashes else np.empty((0, spec.num_perm), np.uint32)
-    return sigs.astype(np.uint32, copy=False), shingles
+    return TextKeys(norm_hashes, sigs.astype(np.uint32, copy=False), shingles)
 
 
-def _signatures_task(args: tuple[list[str], ShingleSpec]) -> tuple[np.ndarray, list[np.ndarray]]:
-    return signatures(*args)
+def _text_keys_task(args: tuple[list[str], ShingleSpec]) -> TextKeys:
+    return text_keys(*args)
 
 
-def parallel_signatures(
+def parallel_text_keys(
     texts: Sequence[str],
     spec: ShingleSpec,
     workers: int = 2,
     chunk_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """`signatures` over chunks of `chunk_size` texts on a fork Pool(workers); same result, in order."""
+) -> TextKeys:
+    """`text_keys` over chunks of `chunk_size` texts on a fork Pool(workers); same result, in order."""
     chunks = [(list(texts[i : i + chunk_size]), spec) for i in range(0, len(texts), chunk_size)]
-    sig_parts: list[np.ndarray] = [np.empty((0, spec.num_perm), np.uint32)]
-    shingles: list[np.ndarray] = []
+    keys = TextKeys([], np.empty((0, spec.num_perm), np.uint32), [])
+    sig_parts: list[np.ndarray] = [keys.signatures]
 
-    def collect(results) -> None:
-        for sig, sh in results:
-            sig_parts.append(sig)
-            shingles.extend(sh)
+    def collect(results: Iterable[TextKeys]) -> None:
+        for part in results:
+            keys.norm_hashes.extend(part.norm_hashes)
+            sig_parts.append(part.signatures)
+            keys.shingles.extend(part.shingles)
             if progress is not None:
-                progress(len(shingles), len(texts))
+                progress(len(keys.shingles), len(texts))
 
     if workers <= 1 or len(chunks) <= 1:
-        collect(map(_signatures_task, chunks))
+        collect(map(_text_keys_task, chunks))
     else:
         warm_up()  # build the normalisation tables once; the forked workers inherit them
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            collect(pool.imap(_signatures_task, chunks))
-    return np.concatenate(sig_parts), shingles
+            collect(pool.imap(_text_keys_task, chunks))
+    return keys._replace(signatures=np.concatenate(sig_parts))

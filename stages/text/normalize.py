@@ -7,8 +7,6 @@
   `simplify_text` (FineWeb): lowercase, every number -> "0", punctuation and symbols -> space,
   diacritics stripped (NFD, drop combining marks), whitespace collapsed. One deviation: the text is
   recomposed to NFC after the marks are dropped, so Hangul stays in syllables instead of jamo.
-  `simplify_sql` is the same function as a DuckDB expression, so exact dedupe can hash the
-  normalised text inside DuckDB; tests check that both agree.
 """
 from __future__ import annotations
 
@@ -86,19 +84,6 @@ def simplify_text(text: str) -> str:
     text = unicodedata.normalize("NFD", text).translate(_combining_marks())
     text = unicodedata.normalize("NFC", text)
     return " ".join(text.split())  # str.split() splits on exactly the characters re's \s matches
-
-
-def simplify_sql(column: str) -> str:
-    """`simplify_text` as a DuckDB expression over `column` (RE2 regexes, same order of steps).
-
-    RE2's \\d and \\s are ASCII-only, so the Unicode classes are spelled out to match Python's.
-    """
-    expr = f"lower({column})"
-    expr = rf"regexp_replace({expr}, '\p{{Nd}}+(\.\p{{Nd}}+)?', '0', 'g')"
-    expr = rf"regexp_replace({expr}, '[\p{{P}}\p{{S}}]', ' ', 'g')"
-    expr = f"nfc_normalize(strip_accents({expr}))"
-    expr = rf"regexp_replace({expr}, '[\s\p{{Z}}\x{{0b}}\x{{1c}}-\x{{1f}}\x{{85}}]+', ' ', 'g')"
-    return f"trim({expr})"
 
 
 def warm_up() -> None:
