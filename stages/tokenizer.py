@@ -1,0 +1,198 @@
+"""Train the byte-level BPE tokenizer on the clean corpus and write the token shards for pretraining.
+
+What: reads `docs_clean` (schema `docs`), splits the documents into train and val by a hash of their
+id, trains a byte-level BPE (Sennrich et al. 2016; the GPT-2 byte-level variant, Radford et al. 2019)
+with HF `tokenizers` on the train documents, and writes
+- `tokenizer`: tokenizer.json, tokenizer_config.json (ChatML chat template, eos = pad =
+  <|endoftext|>, the base-model convention; a chat stage re-saves with eos <|im_end|>) and
+  special_tokens_map.json, loadable by `transformers.AutoTokenizer` and by `models.tokenizer`;
+- `tokens`: train.bin / val.bin (every document's ids followed by <|endoftext|>, uint16 when the
+  vocabulary fits) and meta.json with token, byte and document counts per split.
+
+The tokenizer: GPT-2 pre-tokenization regex and byte-to-unicode map (ByteLevel, no prefix space), no
+normalizer, so decode(encode(text)) == text for any text; the 8 special tokens of
+`models.tokenizer.SPECIAL_TOKENS` take ids 0..7, then the 256 byte symbols, then the merges.
+
+Deviations: the tokenizer is trained on the train split only, so that validation bits per byte are
+measured on text the tokenizer never saw; `max_train_bytes` caps the training text (BPE counts all
+pre-token types in memory) with a deterministic prefix of the train documents.
+
+Run:
+    python -m stages.tokenizer --config c.json --inputs i.json --run-dir DIR
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from models.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer
+from stages.contract import StageContext, StageError, StageResult, main
+from storage import parquet
+from storage.artifacts import Artifact
+
+INPUTS = ("docs_clean",)
+OUTPUTS = ("tokenizer", "tokens")
+ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: enough for the Rust thread pool
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 4096
+    min_frequency: int = 2  # a pair must occur this often to be merged
+    val_frac: float = 0.05  # fraction of documents (by id hash) held out; at least one
+    max_train_bytes: int = 1_000_000_000  # cap on the text the BPE trainer sees
+
+    def validate(self) -> None:
+        floor = len(SPECIAL_TOKENS) + 256
+        if self.vocab_size < floor:
+            raise ValueError(f"vocab_size must be >= {floor} (special tokens + 256 bytes), got {self.vocab_size}")
+        if not 0.0 < self.val_frac < 1.0:
+            raise ValueError(f"val_frac must be in (0, 1), got {self.val_frac}")
+        if self.min_frequency < 1:
+            raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
+
+
+def split_key(doc_id: str) -> float:
+    """A number in [0, 1) from the document id: the same document lands in the same split every run."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+
+
+def assign_splits(ids: list[str], val_frac: float) -> list[bool]:
+    """is_val per document: key < val_frac, and at least one val and one train document."""
+    keys = [split_key(i) for i in ids]
+    is_val = [k < val_frac for k in keys]
+    if not any(is_val):
+        is_val[min(range(len(keys)), key=keys.__getitem__)] = True
+    if all(is_val):
+        is_val[max(range(len(keys)), key=keys.__getitem__)] = False
+    return is_val
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> HFTokenizer:
+    """Byte-level BPE with SPECIAL_TOKENS at ids 0..len-1."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so nothing is ever unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
+    # setup: document ids, sizes and the split
+    src = inputs["docs_clean"].path
+    try:
+        parquet.check_schema(src, "docs")
+        ids = parquet.read_table(src, columns=["id"]).column("id").to_pylist()
+    except (parquet.SchemaError, FileNotFoundError) as e:
+        raise StageError(f"tokenizer: unreadable docs_clean at {src}: {e}; rebuild the filter stage") from None
+    if len(ids) < 2:
+        raise StageError(f"tokenizer: docs_clean at {src} has {len(ids)} document(s), need at least 2 (one per split); relax the filter stage")
+    is_val = assign_splits(ids, cfg.val_frac)
+
+    def texts(split_val: bool | None = None, max_bytes: int | None = None) -> Iterator[str]:
+        used = 0
+        for v, row in zip(is_val, parquet.iter_rows(src, columns=["text"])):  # same order as ids
+            if split_val is not None and v != split_val:
+                continue
+            text = row["text"] or ""
+            yield text
+            used += len(text.encode())
+            if max_bytes is not None and used >= max_bytes:
+                return
+
+    # train
+    ctx.progress(0, 1, "train BPE")
+    t0 = time.perf_counter()
+    hf_tok = train_bpe(texts(split_val=False, max_bytes=cfg.max_train_bytes), cfg.vocab_size, cfg.min_frequency)
+    train_s = time.perf_counter() - t0
+    tok = Tokenizer(hf_tok)
+    if tok.eot_id != 0:
+        raise RuntimeError(f"{EOT} got id {tok.eot_id}, expected 0")  # the trainer places specials first
+    ctx.progress(1, 1, "train BPE")
+    tok_dir = ctx.output("tokenizer")
+    tok.save(tok_dir)
+
+    # encode: one pass in document order, each document appended to its split's file
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    out = ctx.output("tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"train": [0, 0, 0], "val": [0, 0, 0]}  # tokens, bytes, documents
+    tmp = {split: out / f".{split}.bin.tmp-{os.getpid()}" for split in counts}
+    t0 = time.perf_counter()
+    with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
+        files = {"train": f_train, "val": f_val}
+        batch: list[tuple[bool, str]] = []
+        for i, (v, text) in enumerate(zip(is_val, texts()), start=1):
+            batch.append((v, text))
+            if len(batch) < ENCODE_BATCH_DOCS and i < len(ids):
+                continue
+            for (v, text), doc_ids in zip(batch, tok.encode_batch([t for _, t in batch])):
+                split = "val" if v else "train"
+                arr = np.asarray(doc_ids + [tok.eot_id], dtype=dtype)  # (n_tokens + 1,)
+                arr.tofile(files[split])
+                c = counts[split]
+                c[0] += len(arr)
+                c[1] += len(text.encode())
+                c[2] += 1
+            batch = []
+            ctx.progress(i, len(ids), "encode")
+    for split, path in tmp.items():
+        os.replace(path, out / f"{split}.bin")
+    encode_s = time.perf_counter() - t0
+
+    (train_tokens, train_bytes, train_docs), (val_tokens, val_bytes, val_docs) = counts["train"], counts["val"]
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "train_bytes": train_bytes,
+        "val_bytes": val_bytes,
+        "train_docs": train_docs,
+        "val_docs": val_docs,
+        "tokens_per_byte": train_tokens / max(train_bytes, 1),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    metrics = {
+        "vocab_size": tok.vocab_size,
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "tokens_per_byte": meta["tokens_per_byte"],
+        "train_docs": train_docs,
+        "val_docs": val_docs,
+        "train_s": train_s,
+        "encode_tokens_per_s": (train_tokens + val_tokens) / max(encode_s, 1e-9),
+    }
+    ctx.tracker.log_metrics(metrics)
+    summary = (
+        f"Byte-level BPE with {tok.vocab_size} tokens (asked {cfg.vocab_size}), trained in {train_s:.1f} s on "
+        f"{train_docs} documents. train: {train_tokens:,} tokens from {train_bytes:,} bytes "
+        f"({meta['tokens_per_byte']:.3f} tokens/byte); val: {val_tokens:,} tokens, {val_docs} documents."
+    )
+    return StageResult(
+        outputs={"tokenizer": {"vocab_size": tok.vocab_size}, "tokens": meta},
+        metrics=metrics,
+        summary=summary,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.modules[__name__]))
