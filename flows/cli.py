@@ -71,7 +71,7 @@ def _print_plan(plans, recipe) -> None:
     width = max(len(p.stage) for p in plans)
     print(f"recipe {recipe.name} ({recipe.path.name}), {sum(p.action == 'run' for p in plans)} of {len(plans)} stages to run", file=sys.stderr)
     for p in plans:
-        print(f"  {p.action:<4}  {p.stage:<{width}}  {p.fingerprint}  {p.why}", file=sys.stderr)
+        print(f"  {p.action:<4}  {p.stage:<{width}}  {p.fingerprint or 'pending':<16}  {p.why}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -155,7 +155,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         m = s["metrics"]
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:5] if isinstance(v, (int, float)) and k != "stage_seconds")
         tail = shown if s["state"] == "published" else s["why"]
-        print(f"  {s['state']:<9}  {s['stage']:<{width}}  {s['fingerprint']}  {tail}")
+        print(f"  {s['state']:<9}  {s['stage']:<{width}}  {s['fingerprint'] or 'pending':<16}  {tail}")
     return 0
 
 
