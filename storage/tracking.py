@@ -153,13 +153,13 @@ class Lineage:
     """Creates the experiment, the parent run of a `family run` and its stage child runs."""
 
     def __init__(self, tracking_uri: str, artifact_root: Path, experiment: str):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
+        # Explicit clients only: `mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI to the whole
+        # process, which would send the next run's lineage (another home) to this home's database.
         os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             self.experiment_id = self.client.create_experiment(
