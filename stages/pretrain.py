@@ -1,0 +1,500 @@
+"""Pretrain the base model: next-token prediction over the packed token shards.
+
+What: trains the Qwen3-style decoder of `models/gpt.py` on the `tokens` artifact (train.bin / val.bin /
+meta.json of the tokenizer stage) and writes `base`: model.safetensors + config.json, the tokenizer
+files, an HF-loadable export in `hf/`, and a meta.json with what the run did.
+
+How (the nanoGPT / nanochat recipe, one loop read top to bottom in `run`):
+- Data: the train stream is cut into windows of seq_len + 1 consecutive tokens (inputs and targets
+  shifted by one). Documents are packed across their <|endoftext|> separators, as GPT-2 and nanoGPT
+  pretrain. Windows are visited in a seeded random order per epoch; every rank takes its own slice of
+  each global batch. The loader state is two integers (epoch, position), saved in every checkpoint.
+- Optimizer: AdamW (Loshchilov & Hutter 2019, decoupled weight decay) with decay on matrices only;
+  linear warmup, then cosine decay to min_lr_ratio * lr, or warmup-stable-decay ("wsd", Hu et al.
+  2024, MiniCPM) with a linear decay over the last decay_ratio of the steps. Gradient clipping,
+  gradient accumulation; bf16 autocast and optional torch.compile on CUDA only; DDP under torchrun.
+- Evaluation: validation loss in nats/token on a fixed, evenly spread subset of val windows, and bits
+  per byte, bpb = loss * val_tokens / (val_bytes * ln 2), which does not depend on the tokenizer. The
+  trivial baseline next to it is `unigram_bpb`: val under the add-one-smoothed unigram distribution
+  of the train tokens.
+
+Deviations:
+- The step budget (max_steps, or max_tokens) fixes the LR schedule. `max_minutes` is a wall-clock
+  guard that ends training early (the LR then has not fully decayed) rather than stretching the
+  schedule to the clock, so that a resumed run stays bit-identical to an uninterrupted one.
+- Windows do not mask attention at document boundaries (no doc_ids): the nanoGPT choice; the model
+  learns that <|endoftext|> starts a new context.
+
+Run:
+    python -m stages.pretrain --config c.json --inputs i.json --run-dir DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m stages.pretrain --config c.json --inputs i.json --run-dir DIR
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models.generate import generate
+from models.gpt import GPT, GPTConfig
+from models.hf_export import export_hf
+from models.tokenizer import Tokenizer
+from stages.contract import StageContext, StageError, StageResult, main
+from storage import checkpoints
+from storage.artifacts import Artifact
+
+INPUTS = ("tokenizer", "tokens")
+OUTPUTS = ("base",)
+GPU = True
+
+
+@dataclass(frozen=True)
+class Config:
+    # model; vocab_size comes from the tokens' meta.json, head_dim and d_ff are derived by GPTConfig
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    seq_len: int = 256
+    tie_embeddings: bool = True
+    # batch: tokens per optimizer step = batch_size * grad_accum * seq_len * world_size
+    batch_size: int = 16
+    grad_accum: int = 1
+    # AdamW and the LR schedule
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_ratio: float = 0.2  # wsd only: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
+    # budget: the schedule runs over max_steps (or max_tokens // tokens per step when > 0);
+    # max_minutes stops training early, still evaluating and saving
+    max_steps: int = 500
+    max_tokens: int = 0
+    max_minutes: float = 5.0
+    # cadence
+    log_every: int = 10
+    eval_every: int = 100
+    eval_tokens: int = 65536  # val tokens per evaluation (all of val when smaller)
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    # CUDA only
+    compile: bool = False
+    peak_tflops: float = 989.0  # dense bf16 peak of one GPU for MFU (H100 SXM)
+    # greedy samples logged at every evaluation
+    sample_prompts: tuple[str, ...] = ("The", "In the beginning", "The best way to")
+    sample_tokens: int = 32
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"d_model ({self.d_model}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_ratio <= 1.0:
+            raise ValueError("min_lr_ratio must be in [0, 1] and decay_ratio in (0, 1]")
+        if self.max_minutes <= 0 or self.lr <= 0:
+            raise ValueError("max_minutes and lr must be > 0")
+
+
+# -- learning-rate schedule ----------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float, decay_ratio: float) -> float:
+    """LR at optimizer step `step` (0-based) as a fraction of the peak.
+
+    warmup: (step + 1) / warmup_steps.  cosine: min + (1 - min) * (1 + cos(pi * p)) / 2 with p the
+    fraction of post-warmup steps done.  wsd: 1 until the last decay_ratio * total_steps steps, then
+    linear down to min_lr_ratio at the last step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        p = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+    decay_steps = max(1, round(decay_ratio * total_steps))
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return 1.0
+    p = min(1.0, (step - decay_start + 1) / decay_steps)
+    return 1.0 - (1.0 - min_lr_ratio) * p
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def read_shards(tokens_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(train, val, meta) with the bins memory-mapped; StageError naming the file when one is unusable."""
+    meta_path = tokens_dir / "meta.json"
+    if not meta_path.is_file():
+        raise StageError(f"pretrain: no meta.json in tokens artifact {tokens_dir}; rebuild the tokenizer stage")
+    meta = json.loads(meta_path.read_text())
+    for key in ("dtype", "vocab_size", "eot_id", "val_bytes"):
+        if key not in meta:
+            raise StageError(f"pretrain: {meta_path} lacks {key!r}; rebuild the tokenizer stage")
+    shards = []
+    for name in ("train.bin", "val.bin"):
+        path = tokens_dir / name
+        if not path.is_file() or path.stat().st_size == 0:
+            raise StageError(f"pretrain: {path} is missing or empty; the tokenizer stage must put at least one document in each split")
+        shards.append(np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r"))
+    if meta["val_bytes"] <= 0:
+        raise StageError(f"pretrain: {meta_path} says val_bytes={meta['val_bytes']}; bits per byte need val text")
+    return shards[0], shards[1], meta
+
+
+class PackedLoader:
+    """Windows of seq_len + 1 consecutive tokens in a seeded random order per epoch, sharded by rank.
+
+    Window i starts at token i * seq_len, so consecutive windows share one token (the last target of
+    one is the first input of the next) and every token is a target once per epoch. A global batch is
+    batch_size * world_size consecutive entries of the epoch's permutation; rank r takes the r-th
+    block of batch_size. The tail of an epoch smaller than a global batch is skipped.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_windows = (len(tokens) - 1) // seq_len
+        self.global_batch = batch_size * world_size
+        if self.n_windows < self.global_batch:
+            raise StageError(
+                f"pretrain: train.bin has {len(tokens)} tokens, fewer than one global batch of "
+                f"{self.global_batch} x {seq_len + 1}; lower batch_size or seq_len, or add data"
+            )
+        self.epoch, self.position = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_windows(self) -> np.ndarray:
+        """Start offsets of this rank's next batch_size windows, advancing the state by one global batch."""
+        if self.position + self.global_batch > self.n_windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        lo = self.position + self.rank * self.batch_size
+        windows = self.order(self.epoch)[lo : lo + self.batch_size]
+        self.position += self.global_batch
+        return windows * self.seq_len
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs, targets: (B, T) int64."""
+        buf = np.stack([self.tokens[s : s + self.seq_len + 1] for s in self.next_windows()]).astype(np.int64)  # (B, T+1)
+        return torch.from_numpy(buf[:, :-1].copy()), torch.from_numpy(buf[:, 1:].copy())
+
+
+def eval_starts(n_tokens: int, seq_len: int, eval_tokens: int) -> np.ndarray:
+    """Start offsets of a fixed subset of val windows spread evenly over val (all windows if few)."""
+    n_windows = (n_tokens - 1) // seq_len
+    if n_windows < 1:
+        raise StageError(f"pretrain: val.bin has {n_tokens} tokens, fewer than one window of {seq_len + 1}; lower seq_len or add val data")
+    keep = min(n_windows, max(1, eval_tokens // seq_len))
+    return np.linspace(0, n_windows - 1, keep).round().astype(np.int64) * seq_len
+
+
+def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
+    """Mean loss per token (nats) -> bits per byte of the text those tokens encode."""
+    return loss_nats * n_tokens / (n_bytes * math.log(2))
+
+
+def unigram_bpb(train: np.ndarray, val: np.ndarray, vocab_size: int, val_bytes: int, chunk: int = 1 << 24) -> float:
+    """Bits per byte of val under the train unigram distribution with add-one smoothing.
+
+    p(t) = (count_train(t) + 1) / (n_train + V);  bpb = -sum_val log2 p(t) / val_bytes.
+    """
+
+    def counts(a: np.ndarray) -> np.ndarray:
+        c = np.zeros(vocab_size, dtype=np.int64)
+        for i in range(0, len(a), chunk):  # bincount on a chunk at a time: a memmap never loads whole
+            c += np.bincount(a[i : i + chunk], minlength=vocab_size)[:vocab_size]
+        return c
+
+    train_counts = counts(train) + 1
+    log2_p = np.log2(train_counts) - np.log2(train_counts.sum())
+    return float(-(counts(val) * log2_p).sum() / val_bytes)
+
+
+# -- model, optimizer, evaluation ------------------------------------------------------------------
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, projections) only, not on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
+             device: torch.device, autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> float:
+    """Mean next-token loss (nats) over the val windows at `starts`, split across ranks."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, token count
+    mine = starts[rank::world_size]
+    for i in range(0, len(mine), batch_size):
+        buf = torch.from_numpy(np.stack([val[s : s + seq_len + 1] for s in mine[i : i + batch_size]]).astype(np.int64))
+        x, y = buf[:, :-1].to(device), buf[:, 1:].to(device)  # (B, T)
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def sample_text(model: GPT, tokenizer: Tokenizer, prompts: tuple[str, ...], max_new_tokens: int, eot_id: int,
+                autocast: contextlib.AbstractContextManager) -> str:
+    """Greedy continuations, one block per prompt; each prompt starts a document (after <|endoftext|>)."""
+    ids = [[eot_id] + tokenizer.encode(p) for p in prompts]
+    model.eval()
+    with torch.no_grad(), autocast:
+        outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=(eot_id,), pad_id=eot_id)
+    model.train()
+    return "\n\n".join(f"### {p}\n{p}{tokenizer.decode(o, skip_special_tokens=True)}" for p, o in zip(prompts, outs))
+
+
+def all_ranks_max(value: float, world_size: int, device: torch.device) -> float:
+    """The largest `value` over ranks (used so every rank takes the same stop decision)."""
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
+    log = ctx.logger
+    # setup: one process per device; DDP when torchrun started more than one
+    ddp = ctx.world_size > 1
+    cuda = ctx.device.startswith("cuda")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if ddp else torch.device(ctx.device).index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    own_group = ddp and not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    # data
+    tokenizer_dir, tokens_dir = Path(inputs["tokenizer"].path), Path(inputs["tokens"].path)
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise StageError(f"pretrain: no tokenizer.json in tokenizer artifact {tokenizer_dir}; rebuild the tokenizer stage")
+    try:
+        tokenizer = Tokenizer.load(tokenizer_dir)
+    except ValueError as e:  # a special token is missing
+        raise StageError(f"pretrain: {tokenizer_dir}/tokenizer.json: {e}; rebuild the tokenizer stage") from None
+    train, val, meta = read_shards(tokens_dir)
+    vocab_size, eot_id = int(meta["vocab_size"]), int(meta["eot_id"])
+    if tokenizer.vocab_size > vocab_size:
+        raise StageError(f"pretrain: tokenizer has {tokenizer.vocab_size} tokens but {tokens_dir}/meta.json says vocab_size={vocab_size}; rebuild both from one tokenizer run")
+    loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
+    starts = eval_starts(len(val), cfg.seq_len, cfg.eval_tokens)
+    val_tokens, val_bytes = len(val), int(meta["val_bytes"])
+    baseline_bpb = unigram_bpb(train, val, vocab_size, val_bytes)
+
+    # model: same init on every rank (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(ctx.seed)
+    gcfg = GPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                     n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings)
+    raw_model = GPT(gcfg).to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+
+    # derived sizes, logged so the run is self-describing
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * ctx.world_size
+    total_steps = max(1, cfg.max_tokens // tokens_per_step) if cfg.max_tokens > 0 else cfg.max_steps
+    n_params = raw_model.num_params()
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    derived = {
+        "vocab_size": vocab_size, "params": n_params, "non_embedding_params": raw_model.num_params(non_embedding=True),
+        "tokens_per_step": tokens_per_step, "total_steps": total_steps, "planned_tokens": total_steps * tokens_per_step,
+        "epochs_planned": total_steps * tokens_per_step / len(train), "flops_per_token": flops_per_token,
+        "world_size": ctx.world_size, "device": str(device), "unigram_bpb": baseline_bpb,
+    }
+    if ctx.is_main:
+        log.info("pretrain: %s", json.dumps(derived))
+        ctx.tracker.log_params({"derived": derived, "model": gcfg.to_dict()})
+
+    # resume: weights, optimizer, RNG, loader position, step and the clock spent so far
+    step, tokens_seen, elapsed_s = 0, 0, 0.0
+    found = checkpoints.latest(ctx.checkpoint_dir)
+    if found is not None:
+        weights, state, ck_meta = checkpoints.load(found, map_location=str(device))
+        raw_model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore_rng(state)
+        loader.load_state_dict(ck_meta["loader"])
+        step, tokens_seen, elapsed_s = ck_meta["step"], ck_meta["tokens_seen"], ck_meta["elapsed_s"]
+        if ctx.is_main:
+            log.info("pretrain: resumed from %s at step %d", found, step)
+
+    model: torch.nn.Module = raw_model
+    if cuda and cfg.compile:
+        model = torch.compile(model)
+    eval_model = model  # no DDP wrapper: evaluation must not run DDP's collectives
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+
+    def save_checkpoint() -> None:
+        if ctx.is_main:
+            checkpoints.save(ctx.checkpoint_dir, step, raw_model.state_dict(), optimizer.state_dict(),
+                             {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
+                              "model": gcfg.to_dict(), "config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+
+    # the loop: evaluate, stop or take one optimizer step, checkpoint
+    curve: list[dict[str, float]] = []
+    train_loss: float | None = None  # the mean over the last log interval; None before the first
+    val_loss = float("nan")
+    run_tokens, train_time_s, eval_time_s = 0, 0.0, 0.0  # this process's share, for tokens/s
+    stopped_by = "max_steps"
+    loss_acc, n_acc = torch.zeros((), device=device), 0  # train loss summed over the steps since the last log
+    t_log, tokens_log, eval_log = time.perf_counter(), 0, 0.0
+    t_start = time.perf_counter()
+    elapsed_start = elapsed_s
+    while True:
+        elapsed_s = elapsed_start + time.perf_counter() - t_start
+        out_of_time = step % cfg.log_every == 0 and all_ranks_max(float(elapsed_s > 60 * cfg.max_minutes), ctx.world_size, device) > 0
+        last = step >= total_steps or out_of_time
+        if step % cfg.eval_every == 0 or last:
+            t0 = time.perf_counter()
+            val_loss = evaluate(eval_model, val, starts, cfg.seq_len, cfg.batch_size, device, autocast, ctx.rank, ctx.world_size)
+            val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
+            if ctx.is_main:
+                ctx.tracker.log_metrics({"val/loss": val_loss, "val/bpb": val_bpb}, step=step)
+                samples = sample_text(raw_model, tokenizer, cfg.sample_prompts, cfg.sample_tokens, eot_id, autocast)
+                ctx.tracker.log_text(samples, f"samples/step-{step:06d}.md")
+                curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb})
+            dt = time.perf_counter() - t0
+            eval_time_s += dt
+            eval_log += dt
+        if last:
+            if out_of_time and step < total_steps:
+                stopped_by = "max_minutes"
+            break
+
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
+            # DDP all-reduces gradients on the last micro-batch only
+            sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+            with sync, autocast:
+                _, loss = model(x, y)
+            with sync:
+                (loss / cfg.grad_accum).backward()
+            loss_acc += loss.detach() / cfg.grad_accum
+        n_acc += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens_per_step
+        run_tokens += tokens_per_step
+        tokens_log += tokens_per_step
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            # the .item() calls below are the loop's only host-device syncs
+            loss_mean = loss_acc / (n_acc * ctx.world_size)
+            if ddp:
+                dist.all_reduce(loss_mean)  # a sum: gloo has no AVG
+            train_loss = loss_mean.item()
+            loss_acc.zero_()
+            n_acc = 0
+            now = time.perf_counter()
+            tok_s = tokens_log / max(1e-9, now - t_log - eval_log)
+            t_log, tokens_log, eval_log = now, 0, 0.0
+            metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(), "train/tokens_per_s": tok_s}
+            if cuda:
+                metrics["mfu"] = flops_per_token * tok_s / (cfg.peak_tflops * 1e12 * ctx.world_size)
+            if ctx.is_main:
+                ctx.tracker.log_metrics(metrics, step=step)
+                ctx.progress(step, total_steps, "pretrain", loss=train_loss)
+        if step % cfg.ckpt_every == 0:
+            elapsed_s = elapsed_start + time.perf_counter() - t_start
+            save_checkpoint()
+        train_time_s += time.perf_counter() - t0
+
+    # save: a final checkpoint (a crash during export resumes here), then the `base` artifact
+    elapsed_s = elapsed_start + time.perf_counter() - t_start
+    if step % cfg.ckpt_every != 0:
+        save_checkpoint()
+    tokens_per_s = run_tokens / train_time_s if train_time_s > 0 else 0.0
+    val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
+    metrics = {
+        "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": baseline_bpb, "tokens_per_s": tokens_per_s,
+        "params": float(n_params), "steps": float(step), "train_tokens_seen": float(tokens_seen),
+    }
+    if cuda:
+        metrics["mfu"] = flops_per_token * tokens_per_s / (cfg.peak_tflops * 1e12 * ctx.world_size)
+    result = StageResult(metrics=metrics)
+    if ctx.is_main:
+        out = ctx.output("base")
+        if out.exists():  # left by an attempt that crashed while writing it
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        raw_model.save_pretrained(out)
+        for f in tokenizer_dir.iterdir():
+            if f.is_file():
+                shutil.copy2(f, out / f.name)
+        export_hf(raw_model, tokenizer_dir, out / "hf")
+        run_meta = {
+            "steps": step, "total_steps": total_steps, "stopped_by": stopped_by, "train_tokens_seen": tokens_seen,
+            "train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": baseline_bpb,
+            "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s, "eval_s_this_run": eval_time_s,
+            "seq_len": cfg.seq_len, "eot_id": eot_id, "derived": derived, "config": asdict(cfg), "curve": curve,
+        }
+        (out / "meta.json").write_text(json.dumps(run_meta, indent=2))
+        ctx.tracker.log_text(samples, "samples/final.md")
+        result.outputs = {"base": {"params": n_params, "steps": step, "val_bpb": val_bpb, "seq_len": cfg.seq_len}}
+        result.tables = {"eval_curve": curve}
+        result.summary = (
+            f"Base model: {n_params / 1e6:.2f}M params, {step} steps ({stopped_by}), {tokens_seen / 1e6:.2f}M tokens "
+            f"at {tokens_per_s:,.0f} tok/s.\n\n"
+            f"| val loss | val bpb | unigram bpb |\n|---|---|---|\n| {val_loss:.4f} | {val_bpb:.4f} | {baseline_bpb:.4f} |\n\n"
+            f"Samples (greedy):\n\n{samples}\n"
+        )
+    if own_group:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.modules[__name__]))
