@@ -1,0 +1,111 @@
+"""Heads on the GPT backbone: a scalar reward model.
+
+RewardModel = a `models.gpt.GPT` backbone + `nn.Linear(d_model, 1)` applied to the final-norm hidden
+state of the LAST real token of each sequence (the InstructGPT / TRL `AutoModelForSequenceClassification`
+convention: a decoder sees the whole conversation only at its last position). The conversation is
+rendered with the chat template, so the last token is the "\n" after the response's <|im_end|>.
+
+Saved as a model directory: the backbone as `GPT.save_pretrained` writes it (config.json +
+model.safetensors, loadable as a plain GPT) plus `head.safetensors` (weight (1, d), bias (1,)).
+
+    rm = RewardModel.from_pretrained(dir)
+    r = score(rm, tok, [{"role": "user", "content": "What is 2 + 2?"}], "4")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from models.gpt import GPT
+
+HEAD_FILE = "head.safetensors"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: GPT):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.cfg.d_model, 1)
+        # small random weights as HF initialises a sequence-classification head (std = initializer_range):
+        # rewards start near 0, and unlike a zero head the backbone gets a gradient from the first step
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids (right or left padded; attention_mask (B, T) bool, True = real) -> (B,) rewards."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+            h = self.backbone.hidden(input_ids)  # (B, T, d)
+        else:
+            # the largest real position of each row; right padding needs no mask in a causal model
+            # (real tokens never look ahead), left padding does
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+            last = torch.where(attention_mask, pos, -1).amax(dim=1)  # (B,)
+            right_padded = bool((attention_mask[:, 0]).all())
+            h = self.backbone.hidden(input_ids, attention_mask=None if right_padded else attention_mask)
+        h_last = h[torch.arange(B, device=h.device), last]  # (B, d)
+        return self.head(h_last).squeeze(-1).float()  # (B,)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        self.backbone.save_pretrained(out)
+        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(out / HEAD_FILE))
+
+    @classmethod
+    def from_pretrained(cls, in_dir: str | Path, device: str | torch.device = "cpu") -> RewardModel:
+        d = Path(in_dir)
+        if not (d / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"{d / HEAD_FILE} not found: {d} is not a reward model directory")
+        model = cls(GPT.from_pretrained(d))
+        model.head.load_state_dict(load_file(str(d / HEAD_FILE)))
+        return model.to(device)
+
+
+def conversation_ids(tok: Any, prompt: list[dict[str, str]], response: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """(ids of prompt + response rendered with the chat template, mask of the response's tokens).
+
+    The response's tokens are what the model writes: the content of the response's assistant turns
+    and their closing <|im_end|> (`tok.encode_chat`'s assistant mask), not the "<|im_start|>assistant\n"
+    header nor the trailing "\n". Assistant turns inside the prompt are not part of the response: the
+    prompt renders to a prefix of the conversation, each turn ending in "<|im_end|>\n" before the
+    special <|im_start|>, so its token count is where the response begins.
+    """
+    ids, assistant = tok.encode_chat(prompt + response)
+    n_prompt = len(tok.encode(tok.apply_chat_template(prompt))) if prompt else 0
+    return ids, [a and i >= n_prompt for i, a in enumerate(assistant)]
+
+
+@torch.no_grad()
+def score_batch(model: RewardModel, tok: Any, prompts: list[list[dict[str, str]]], responses: list[str],
+                batch_size: int = 32) -> list[float]:
+    """Reward of each (prompt messages, assistant response text); sequences longer than the backbone's
+    max_seq_len keep their last max_seq_len tokens (the response end is what the head reads)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"score_batch: {len(prompts)} prompts but {len(responses)} responses")
+    device = next(model.parameters()).device
+    max_len = model.backbone.cfg.max_seq_len
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = [conversation_ids(tok, p, [{"role": "assistant", "content": r}])[0][-max_len:]
+                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for j, s in enumerate(seqs):  # right padding
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = True
+        out.extend(model(ids.to(device), mask.to(device)).tolist())
+    model.train(was_training)
+    return out
+
+
+def score(model: RewardModel, tok: Any, prompt_messages: list[dict[str, str]], response_text: str) -> float:
+    """Reward of one assistant response to a prompt (a list of chat messages)."""
+    return score_batch(model, tok, [prompt_messages], [response_text])[0]

@@ -1,0 +1,462 @@
+"""Supervised fine-tuning (SFT): teach the base model to answer in chat turns.
+
+What: fine-tunes the `base` model on the `chat` conversations (split "train") and writes `sft`, a
+model directory like `base` (model.safetensors + config.json, tokenizer files with <|im_end|> as the
+eos token, meta.json, an HF export in hf/). Measured on held-out data: the loss on `chat` val, and
+the greedy exact-match accuracy per task on `prompts` val (stages/chat/evaluate.py) of the SFT model
+zero-shot ("acc/<task>") and of the base model few-shot ("base_acc/<task>"; see evaluate.py for why
+the base model gets solved examples in plain "Question:/Answer:" text, the format it has read).
+
+How (InstructGPT's SFT step, Ouyang et al. 2022, in the shape of nanochat's chat_sft):
+- Each conversation is rendered in ChatML and trained on with next-token cross-entropy on the
+  assistant turns only (their content and closing <|im_end|>); every other target is -100 (TRL's
+  assistant_only_loss). The loss is the mean over the batch's assistant tokens.
+- Packing: conversations in a seeded random order per epoch fill rows of seq_len tokens first-come;
+  `doc_ids` make attention block-diagonal and restart positions at every conversation, so a packed
+  row computes exactly what each conversation would alone (Krell et al. 2021, "Efficient sequence
+  packing without cross-contamination"). pack=false trains one conversation per row instead, each
+  batch right-padded to its longest row. A conversation longer than seq_len is dropped and counted.
+- AdamW, linear warmup then cosine decay to min_lr_ratio * lr, gradient clipping. The schedule runs
+  over max_steps, or `epochs` passes over the packed train rows when max_steps is 0.
+- LoRA (Hu et al. 2021; models/lora.py) when lora_r > 0: the base weights stay frozen and only the
+  adapters on `lora_targets` train; they are merged into the weights before saving, so `sft` is a
+  plain model either way.
+- Resume: checkpoints hold weights (adapters included), optimizer, RNG, the loader's (epoch,
+  position) and the base model's few-shot scores, so a resumed run ends with the same weights as an
+  uninterrupted one.
+
+Deviations: `max_minutes` ends training early without stretching the schedule (as in pretrain), so a
+resumed run stays identical; task accuracy is measured once, at the end (the val loss is tracked
+during training), because greedy decoding of every val prompt costs more than the steps between.
+
+Run:
+    python -m stages.sft --config c.json --inputs i.json --run-dir DIR
+    e.g. c.json = {"epochs": 3, "lr": 1e-3}, i.json = {"base": "DIR/base", "chat": "DIR/chat", "prompts": "DIR/prompts"}
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from models.gpt import GPT
+from models.hf_export import export_hf
+from models.lora import apply_lora, merge_lora
+from models.tokenizer import IM_END, Tokenizer
+from stages.chat.evaluate import few_shot_base_eval, generate_answers, score
+from stages.contract import StageContext, StageError, StageResult, main
+from storage import checkpoints
+from storage.artifacts import Artifact
+from storage.parquet import iter_rows
+
+INPUTS = ("base", "chat", "prompts")
+OUTPUTS = ("sft",)
+GPU = True
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Config:
+    # data: rows of seq_len tokens (0: the base model's max_seq_len), several conversations per row
+    seq_len: int = 0
+    pack: bool = True
+    batch_size: int = 16  # rows per optimizer step
+    # AdamW and the LR schedule
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
+    # budget: max_steps, or epochs over the packed train rows when max_steps is 0; max_minutes stops early
+    epochs: float = 3.0
+    max_steps: int = 0
+    max_minutes: float = 10.0
+    # LoRA: lora_r = 0 is a full fine-tune
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # cadence
+    log_every: int = 10
+    eval_every: int = 100
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    # held-out task accuracy: greedy decoding of at most eval_per_task val prompts per task
+    eval_per_task: int = 100
+    max_new_tokens: int = 32
+    eval_batch_size: int = 64
+    base_shots: int = 3  # solved examples before each question for the base model
+    base_shot_format: Literal["text", "chat"] = "text"
+
+    def validate(self) -> None:
+        for name in ("batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_per_task",
+                     "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seq_len", "max_steps", "warmup_steps", "lora_r", "base_shots"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.epochs <= 0:
+            raise ValueError("give epochs > 0 or max_steps > 0")
+        if self.lr <= 0 or self.max_minutes <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("lr and max_minutes must be > 0 and min_lr_ratio in [0, 1]")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def encode_example(tok: Tokenizer, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(inputs, targets) of one conversation, both of length n - 1 for its n ChatML tokens.
+
+    targets[t] = ids[t + 1] when token t + 1 is the assistant's to write (content or closing
+    <|im_end|>), else -100: the model is never trained to write the user's or the system's turns.
+    """
+    ids, mask = tok.encode_chat(messages)
+    return ids[:-1], [t if m else IGNORE for t, m in zip(ids[1:], mask[1:])]
+
+
+def encode_rows(tok: Tokenizer, rows: list[dict[str, Any]], seq_len: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, int]]:
+    """Encoded conversations, and counts of those left out by reason."""
+    examples, dropped = [], {"too_long": 0, "no_assistant_turn": 0}
+    for row in rows:
+        x, y = encode_example(tok, row["messages"])
+        if all(t == IGNORE for t in y):
+            dropped["no_assistant_turn"] += 1
+        elif len(x) > seq_len:
+            dropped["too_long"] += 1
+        else:
+            examples.append((x, y))
+    return examples, dropped
+
+
+def pack_rows(examples: list[tuple[list[int], list[int]]], order: np.ndarray, seq_len: int, pad_id: int,
+              pack: bool) -> torch.Tensor:
+    """(R, 3, seq_len) int64 rows of [input ids, targets, doc ids] in `order`.
+
+    Packed: conversations fill a row until the next one does not fit. Unpacked: one per row. Within a
+    row the k-th conversation has doc id k and the padding after them doc id k + 1 (targets -100).
+    """
+    groups: list[list[int]] = []
+    used = seq_len + 1
+    for i in order:
+        n = len(examples[i][0])
+        if not pack or used + n > seq_len:
+            groups.append([])
+            used = 0
+        groups[-1].append(int(i))
+        used += n
+    rows = torch.empty(len(groups), 3, seq_len, dtype=torch.long)
+    for r, group in enumerate(groups):
+        ids, targets, docs = [], [], []
+        for k, i in enumerate(group):
+            x, y = examples[i]
+            ids += x
+            targets += y
+            docs += [k] * len(x)
+        pad = seq_len - len(ids)
+        rows[r, 0] = torch.tensor(ids + [pad_id] * pad)
+        rows[r, 1] = torch.tensor(targets + [IGNORE] * pad)
+        rows[r, 2] = torch.tensor(docs + [len(group)] * pad)
+    return rows
+
+
+def to_batch(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, 3, seq_len) rows -> inputs, targets, doc ids (B, T), cut after the last target of any row
+    (later positions carry no loss and, attention being causal, change nothing before them)."""
+    has_target = (rows[:, 1] != IGNORE).any(0)  # (seq_len,)
+    T = int(has_target.nonzero().max()) + 1 if has_target.any() else 1
+    rows = rows[:, :, :T].to(device)
+    return rows[:, 0], rows[:, 1], rows[:, 2]
+
+
+class ChatLoader:
+    """Batches of packed rows; the conversations are shuffled (seed, epoch) before packing.
+
+    An epoch ends with a batch of whatever rows are left, so no conversation is skipped. The state is
+    two integers, (epoch, position), saved in every checkpoint.
+    """
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], seq_len: int, batch_size: int, pad_id: int,
+                 pack: bool, seed: int):
+        self.examples, self.seq_len, self.batch_size = examples, seq_len, batch_size
+        self.pad_id, self.pack, self.seed = pad_id, pack, seed
+        self.epoch, self.position = 0, 0
+        self._rows_epoch, self._rows = -1, torch.empty(0)
+
+    def rows(self, epoch: int) -> torch.Tensor:
+        if self._rows_epoch != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+            self._rows = pack_rows(self.examples, order, self.seq_len, self.pad_id, self.pack)
+            self._rows_epoch = epoch
+        return self._rows
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def next_rows(self) -> torch.Tensor:
+        if self.position >= len(self.rows(self.epoch)):
+            self.epoch, self.position = self.epoch + 1, 0
+        batch = self.rows(self.epoch)[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+
+# -- optimizer, schedule, evaluation ---------------------------------------------------------------
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from 1 down to min_lr_ratio at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    p = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on matrices only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def eval_loss(model: GPT, rows: torch.Tensor, batch_size: int, pack: bool, device: torch.device,
+              autocast: contextlib.AbstractContextManager) -> float:
+    """Mean cross-entropy (nats) per assistant token over packed val rows."""
+    model.eval()
+    total, count = 0.0, 0
+    for lo in range(0, len(rows), batch_size):
+        x, y, docs = to_batch(rows[lo:lo + batch_size], device)
+        n = int((y != IGNORE).sum())
+        with autocast:
+            _, loss = model(x, y, doc_ids=docs if pack else None)
+        total += loss.item() * n
+        count += n
+    model.train()
+    return total / max(1, count)
+
+
+def eval_prompt_rows(rows: list[dict[str, Any]], per_task: int) -> list[dict[str, Any]]:
+    """At most per_task val prompts of each task, the first by id (the same ones in every run)."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted(rows, key=lambda r: r["id"]):
+        by_task.setdefault(row["task"] or "all", []).append(row)
+    return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
+
+
+def read_split(path: str, split: str) -> list[dict[str, Any]]:
+    try:
+        return [r for r in iter_rows(path) if r["split"] == split]
+    except FileNotFoundError:
+        raise StageError(f"sft: no dataset at {path}; rebuild the instruct stage") from None
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
+    log = ctx.logger
+    # setup
+    cuda = ctx.device.startswith("cuda")
+    device = torch.device(ctx.device if cuda else "cpu")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    torch.manual_seed(ctx.seed)
+
+    # model and tokenizer of the base model
+    base_dir = Path(inputs["base"].path)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (base_dir / name).is_file():
+            raise StageError(f"sft: no {name} in base model {base_dir}; rebuild the pretrain stage")
+    tok = Tokenizer.load(base_dir)
+    model = GPT.from_pretrained(base_dir, device=device)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise StageError(f"sft: tokenizer in {base_dir} has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}; rebuild base")
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+
+    # data
+    train_ex, dropped = encode_rows(tok, read_split(inputs["chat"].path, "train"), seq_len)
+    val_ex, _ = encode_rows(tok, read_split(inputs["chat"].path, "val"), seq_len)
+    if not train_ex:
+        raise StageError(f"sft: no usable train conversations in {inputs['chat'].path} (dropped: {dropped}); "
+                         f"check the instruct stage or raise seq_len")
+    loader = ChatLoader(train_ex, seq_len, cfg.batch_size, tok.pad_id, cfg.pack, ctx.seed)
+    val_rows = pack_rows(val_ex, np.arange(len(val_ex)), seq_len, tok.pad_id, cfg.pack)
+    eval_prompts = eval_prompt_rows(read_split(inputs["prompts"].path, "val"), cfg.eval_per_task)
+    shot_pool = read_split(inputs["prompts"].path, "train")
+
+    steps_per_epoch = math.ceil(len(loader.rows(0)) / cfg.batch_size)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    train_tokens = sum(sum(t != IGNORE for t in y) for _, y in train_ex)
+    derived = {
+        "seq_len": seq_len, "train_conversations": len(train_ex), "val_conversations": len(val_ex),
+        "dropped": dropped, "rows_per_epoch": len(loader.rows(0)), "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps, "assistant_tokens_per_epoch": train_tokens,
+        "eval_prompts": len(eval_prompts), "device": str(device),
+    }
+
+    # LoRA: freeze the base, train adapters only
+    derived["params"] = model.num_params()
+    try:
+        lora_layers = apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_r else []
+    except ValueError as e:
+        raise StageError(f"sft: lora_targets: {e}") from None
+    derived["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    derived["lora_layers"] = len(lora_layers)
+    log.info("sft: %s", json.dumps(derived))
+    ctx.tracker.log_params({"derived": derived})
+    optimizer = make_optimizer(model, cfg, device)
+
+    # resume, or score the base model before any step changes it
+    step, elapsed_s, curve, base_metrics = 0, 0.0, [], {}
+    found = checkpoints.latest(ctx.checkpoint_dir)
+    if found is not None:
+        weights, state, meta = checkpoints.load(found, map_location=str(device))
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore_rng(state)
+        loader.load_state_dict(meta["loader"])
+        step, elapsed_s, curve, base_metrics = meta["step"], meta["elapsed_s"], meta["curve"], meta["base_metrics"]
+        log.info("sft: resumed from %s at step %d", found, step)
+    elif eval_prompts:
+        ctx.progress(0, 1, "base model few-shot eval")
+        with autocast:
+            base_metrics = few_shot_base_eval(model, tok, eval_prompts, shot_pool, cfg.base_shots, cfg.base_shot_format,
+                                              cfg.max_new_tokens, cfg.eval_batch_size, ctx.seed)
+        ctx.progress(1, 1, "base model few-shot eval")
+        ctx.tracker.log_metrics({f"base_{k}": v for k, v in base_metrics.items()})
+
+    def save_checkpoint() -> None:
+        checkpoints.save(ctx.checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
+                         {"loader": loader.state_dict(), "elapsed_s": elapsed_s, "curve": curve,
+                          "base_metrics": base_metrics, "config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+
+    # the loop: evaluate, stop or take one optimizer step, checkpoint
+    model.train()
+    train_loss, val_loss, stopped_by = None, float("nan"), "max_steps"
+    loss_acc, n_acc, tokens_log = torch.zeros((), device=device), 0, 0
+    t_start, elapsed_start, t_log = time.perf_counter(), elapsed_s, time.perf_counter()
+    run_tokens, train_time_s = 0, 0.0
+    while True:
+        elapsed_s = elapsed_start + time.perf_counter() - t_start
+        out_of_time = elapsed_s > 60 * cfg.max_minutes
+        last = step >= total_steps or out_of_time
+        if (step % cfg.eval_every == 0 or last) and len(val_rows):
+            val_loss = eval_loss(model, val_rows, cfg.batch_size, cfg.pack, device, autocast)
+            ctx.tracker.log_metrics({"val/loss": val_loss}, step=step)
+            curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+        if last:
+            stopped_by = "max_minutes" if step < total_steps else "max_steps"
+            break
+
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y, docs = to_batch(loader.next_rows(), device)  # (B, T) each
+        with autocast:
+            _, loss = model(x, y, doc_ids=docs if cfg.pack else None)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_acc += loss.detach()
+        n_acc += 1
+        tokens_log += x.numel()
+        run_tokens += x.numel()
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            train_loss = (loss_acc / n_acc).item()
+            loss_acc.zero_()
+            n_acc = 0
+            now = time.perf_counter()
+            tok_s = tokens_log / max(1e-9, now - t_log)
+            t_log, tokens_log = now, 0
+            ctx.tracker.log_metrics({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
+                                     "train/tokens_per_s": tok_s, "train/epoch": loader.epoch}, step=step)
+            ctx.progress(step, total_steps, "sft", loss=train_loss, val_loss=val_loss)
+        train_time_s += time.perf_counter() - t0
+        if step % cfg.ckpt_every == 0:
+            elapsed_s = elapsed_start + time.perf_counter() - t_start
+            save_checkpoint()
+
+    # a final checkpoint (a crash during evaluation or export resumes here), then merge and evaluate
+    if step % cfg.ckpt_every != 0:
+        save_checkpoint()
+    if lora_layers:
+        merge_lora(model)
+    model.eval()
+    metrics: dict[str, float] = {"val_loss": val_loss, "steps": float(step),
+                                 "trainable_params": float(derived["trainable_params"]),
+                                 "tokens_per_s": run_tokens / train_time_s if train_time_s > 0 else 0.0}
+    samples: list[dict[str, Any]] = []
+    if eval_prompts:
+        ctx.progress(0, 1, "sft model eval")
+        with autocast:
+            completions = generate_answers(model, tok, [r["prompt"] for r in eval_prompts], cfg.max_new_tokens,
+                                           cfg.eval_batch_size)
+        ctx.progress(1, 1, "sft model eval")
+        metrics.update(score(eval_prompts, completions))
+        metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+        seen_tasks: set[str] = set()
+        for row, completion in zip(eval_prompts, completions):
+            if row["task"] not in seen_tasks or len(samples) < 12:
+                seen_tasks.add(row["task"])
+                samples.append({"task": row["task"], "prompt": row["prompt"][-1]["content"], "completion": completion,
+                                "answer": row["answer"]})
+    ctx.tracker.log_metrics(metrics, step=step)
+
+    # save the `sft` model directory
+    out = ctx.output("sft")
+    if out.exists():  # left by an attempt that crashed while writing it
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    tok.save(out, eos_token=IM_END)  # a chat model's turn ends at <|im_end|>
+    export_hf(model, out, out / "hf")
+    run_meta = {"stage": "sft", "base": str(base_dir), "steps": step, "total_steps": total_steps, "stopped_by": stopped_by,
+                "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived, "config": asdict(cfg), "curve": curve}
+    (out / "meta.json").write_text(json.dumps(run_meta, indent=2))
+
+    tasks = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("acc/")})
+    table = [{"task": t, "prompts": sum(r["task"] == t for r in eval_prompts), "base_acc": metrics.get(f"base_acc/{t}"),
+              "acc": metrics[f"acc/{t}"]} for t in tasks]
+    lines = [f"SFT: {step} steps ({stopped_by}), {derived['trainable_params'] / 1e6:.2f}M trainable params"
+             f"{f' (LoRA r={cfg.lora_r} on {len(lora_layers)} layers)' if lora_layers else ''}, val loss {val_loss:.4f}.", ""]
+    if table:
+        lines += [f"Held-out accuracy (greedy; base: {cfg.base_shots}-shot {cfg.base_shot_format}):", "",
+                  "| task | prompts | base (few-shot) | sft |", "|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['prompts']} | {r['base_acc'] if r['base_acc'] is not None else float('nan'):.3f} "
+                  f"| {r['acc']:.3f} |" for r in table]
+        lines += ["", "Samples:", ""] + [f"- [{s['task']}] {s['prompt']!r} -> {s['completion']!r} (answer {s['answer']!r})"
+                                         for s in samples]
+    summary = "\n".join(lines)
+    ctx.tracker.log_text(summary, "sft_summary.md")
+    return StageResult(
+        outputs={"sft": {"params": derived["params"], "steps": step, "val_loss": val_loss, "acc": metrics.get("acc")}},
+        metrics=metrics, summary=summary, tables={"eval": table, "eval_curve": curve, "samples": samples},
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.modules[__name__]))
