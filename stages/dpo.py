@@ -1,0 +1,284 @@
+"""DPO: align the SFT model to preference pairs with Direct Preference Optimization.
+
+What: reads `sft` (model directory), `prefs` (pairs) and `prompts` (held-out verifiable prompts), trains
+the policy (initialised from SFT) against a frozen reference (the SFT model itself) and writes `dpo`: a
+model directory (model.safetensors + config.json, tokenizer files, meta.json, hf/ export).
+
+Loss (Rafailov et al. 2023, "Direct Preference Optimization", eq. 7), the "sigmoid" loss of TRL, with
+log pi(y|x) the SUM of the response tokens' log-probs (prompt tokens excluded):
+
+    h      = [log pi(y_c|x) - log ref(y_c|x)] - [log pi(y_r|x) - log ref(y_r|x)]
+    L_DPO  = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+
+eps is label smoothing (conservative DPO, Mitchell 2023; TRL `label_smoothing`), 0 by default. The
+implicit rewards beta (log pi - log ref) of chosen and rejected give TRL's metrics rewards/chosen,
+rewards/rejected, rewards/margins and rewards/accuracies (share of pairs with margin > 0).
+
+Regularisation (RPO; Pang et al. 2024, "Iterative Reasoning Preference Optimization"): DPO alone can
+lower the likelihood of the chosen answer too (both log-probs fall, the rejected faster), which on
+verifiable tasks costs accuracy. We add rpo_alpha * NLL of the chosen responses (mean over their
+tokens), as TRL's `rpo_alpha` does: L = L_DPO + rpo_alpha * NLL(y_c).
+
+Held-out checks: val_pref_acc, the share of held-out pairs whose implicit reward margin is > 0 (0 for the
+reference itself); and acc/<task>, greedy accuracy on the held-out prompts (stages/chat/evaluate.py),
+next to sft_acc/<task>, the reference's accuracy on the same prompts (the alignment tax).
+
+Deviations: reference log-probs are computed per batch by the frozen model (TRL's default), held-out
+ones once; the schedule is linear warmup then constant (the paper: warmup then constant, lr 1e-6 for
+6B-scale models; a tiny model needs a larger lr).
+
+Run:
+    python -m stages.dpo --config c.json --inputs i.json --run-dir DIR
+    with i.json = {"sft": "SFT_DIR", "prefs": "PREFS_DIR", "prompts": "PROMPTS_DIR"}
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from models.gpt import GPT
+from models.hf_export import export_hf
+from models.tokenizer import Tokenizer
+from stages.chat.evaluate import evaluate_prompts
+from stages.chat.preference import BatchOrder, Pair, heldout_prompts, read_pairs, sequence_logps
+from stages.contract import StageContext, StageError, StageResult, main
+from storage import checkpoints
+from storage.artifacts import Artifact
+
+INPUTS = ("sft", "prefs", "prompts")
+OUTPUTS = ("dpo",)
+GPU = True
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class Config:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 1.0  # weight of the NLL of the chosen response; 0 = plain DPO
+    batch_size: int = 16  # pairs per step
+    lr: float = 2e-4
+    warmup_steps: int = 10  # linear warmup, then constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_steps: int = 150
+    max_minutes: float = 3.0  # wall-clock guard: stops early, still evaluates and saves
+    max_len: int = 0  # tokens per sequence; 0 = the model's max_seq_len; longer pairs are dropped
+    log_every: int = 10
+    eval_every: int = 50
+    eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
+    eval_per_task: int = 100  # held-out prompts per task for acc/<task> (as sft chooses them), at the start and the end
+    max_new_tokens: int = 32  # greedy answer length for acc/<task>
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_pairs",
+                     "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta <= 0 or self.lr <= 0 or self.max_minutes <= 0:
+            raise ValueError("beta, lr and max_minutes must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0 or self.max_len < 0 or self.eval_per_task < 0:
+            raise ValueError("label_smoothing must be in [0, 0.5), rpo_alpha, max_len and eval_per_task >= 0")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float,
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO loss per pair (B,) and the implicit rewards of chosen and rejected (B,) each (detached).
+
+    All inputs are (B,) sums of response-token log-probs.
+        h = (pi_c - ref_c) - (pi_r - ref_r);  loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(beta * h) * (1.0 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_logps(model: torch.nn.Module, pairs: list[Pair], pad_id: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of chosen (B,) and rejected (B,), and the chosen token counts (B,),
+    from one right-padded batch of 2B sequences."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    masks = [p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs]
+    logps, counts = sequence_logps(model, seqs, masks, pad_id, device)  # (2B,)
+    B = len(pairs)
+    return logps[:B], logps[B:], counts[:B]
+
+
+@torch.no_grad()
+def reference_logps(ref: GPT, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device,
+                    autocast: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        with autocast:
+            c, r, _ = pair_logps(ref, pairs[i:i + batch_size], pad_id, device)
+        chosen.append(c.float())
+        rejected.append(r.float())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@torch.no_grad()
+def evaluate_pairs(policy: GPT, pairs: list[Pair], ref_c: torch.Tensor, ref_r: torch.Tensor, cfg: Config, pad_id: int,
+                   device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Held-out DPO loss, preference accuracy (implicit reward margin > 0) and mean margin."""
+    policy.eval()
+    loss, correct, margin = 0.0, 0.0, 0.0
+    for i in range(0, len(pairs), cfg.batch_size):
+        with autocast:
+            pc, pr, _ = pair_logps(policy, pairs[i:i + cfg.batch_size], pad_id, device)
+        losses, rc, rr = dpo_loss(pc.float(), pr.float(), ref_c[i:i + cfg.batch_size], ref_r[i:i + cfg.batch_size],
+                                  cfg.beta, cfg.label_smoothing)
+        loss += losses.sum().item()
+        correct += (rc > rr).float().sum().item()
+        margin += (rc - rr).sum().item()
+    policy.train()
+    n = max(1, len(pairs))
+    return {"loss": loss / n, "pref_acc": correct / n, "margin": margin / n}
+
+
+def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
+    log = ctx.logger
+    # setup
+    device = torch.device(ctx.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    sft_dir = Path(inputs["sft"].path)
+    if not (sft_dir / "config.json").is_file() or not (sft_dir / "tokenizer.json").is_file():
+        raise StageError(f"dpo: {sft_dir} is not a model directory (config.json + tokenizer.json); rebuild the sft stage")
+    tok = Tokenizer.load(sft_dir)
+    policy = GPT.from_pretrained(sft_dir, device=device)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)  # the frozen reference = the SFT model
+    max_len = cfg.max_len or policy.cfg.max_seq_len
+
+    # data
+    train, train_long = read_pairs(inputs["prefs"].path, "train", tok, max_len)
+    val, val_long = read_pairs(inputs["prefs"].path, "val", tok, max_len)
+    if len(train) < cfg.batch_size or not val:
+        raise StageError(f"dpo: {inputs['prefs'].path} has {len(train)} train and {len(val)} val pairs within {max_len} "
+                         f"tokens; need at least batch_size={cfg.batch_size} train pairs and one val pair")
+    val = val[:: max(1, math.ceil(len(val) / cfg.eval_pairs))]
+    prompts = heldout_prompts(inputs["prompts"].path, cfg.eval_per_task)
+    order = BatchOrder(len(train), cfg.batch_size, ctx.seed)
+    val_ref_c, val_ref_r = reference_logps(ref, val, cfg.batch_size, tok.pad_id, device, autocast)
+    sft_acc = evaluate_prompts(ref, tok, prompts, cfg.max_new_tokens) if prompts else {}
+    derived = {"train_pairs": len(train), "val_pairs": len(val), "heldout_prompts": len(prompts),
+               "dropped_too_long": train_long + val_long, "max_len": max_len,
+               "epochs_planned": cfg.max_steps * cfg.batch_size / len(train)}
+    log.info("dpo: %s; sft held-out accuracy %s", json.dumps(derived), json.dumps(sft_acc))
+    ctx.tracker.log_params({"derived": derived})
+
+    # optimizer and resume
+    policy.train()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    step, elapsed_s = 0, 0.0
+    found = checkpoints.latest(ctx.checkpoint_dir)
+    if found is not None:
+        weights, state, meta = checkpoints.load(found, map_location=str(device))
+        policy.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoints.restore_rng(state)
+        order.load_state_dict(meta["order"])
+        step, elapsed_s = meta["step"], meta["elapsed_s"]
+        log.info("dpo: resumed from %s at step %d", found, step)
+
+    def save_checkpoint() -> None:
+        checkpoints.save(ctx.checkpoint_dir, step, policy.state_dict(), optimizer.state_dict(),
+                         {"order": order.state_dict(), "elapsed_s": elapsed_s, "config": asdict(cfg)},
+                         keep=cfg.keep_checkpoints)
+
+    # the loop: evaluate, stop or take one step, checkpoint
+    curve: list[dict[str, float]] = []
+    ev: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    n_log = 0
+    stopped_by = "max_steps"
+    t_start, elapsed_start = time.perf_counter(), elapsed_s
+    while True:
+        elapsed_s = elapsed_start + time.perf_counter() - t_start
+        out_of_time = elapsed_s > 60 * cfg.max_minutes
+        last = step >= cfg.max_steps or out_of_time
+        if step % cfg.eval_every == 0 or last:
+            ev = evaluate_pairs(policy, val, val_ref_c, val_ref_r, cfg, tok.pad_id, device, autocast)
+            ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
+            curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+        if last:
+            stopped_by = "max_minutes" if step < cfg.max_steps else stopped_by
+            break
+
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = [train[i] for i in order.next()]
+        with torch.no_grad(), autocast:
+            ref_c, ref_r, _ = pair_logps(ref, batch, tok.pad_id, device)
+        with autocast:
+            pc, pr, n_chosen = pair_logps(policy, batch, tok.pad_id, device)
+        losses, rc, rr = dpo_loss(pc.float(), pr.float(), ref_c.float(), ref_r.float(), cfg.beta, cfg.label_smoothing)
+        nll = -pc.float().sum() / n_chosen.sum().clamp(min=1)  # mean NLL per chosen response token
+        loss = losses.mean() + cfg.rpo_alpha * nll
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        stats = {"loss": loss.item(), "dpo_loss": losses.mean().item(), "nll": nll.item(),
+                 "rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
+                 "rewards/margins": (rc - rr).mean().item(), "rewards/accuracies": (rc > rr).float().mean().item(),
+                 "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_log += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            metrics = {k: v / n_log for k, v in sums.items()} | {"lr": lr, "grad_norm": grad_norm.item()}
+            ctx.tracker.log_metrics(metrics, step=step)
+            ctx.progress(step, cfg.max_steps, "dpo", loss=metrics["loss"], margin=metrics["rewards/margins"])
+            sums, n_log = {}, 0
+        if step % cfg.ckpt_every == 0:
+            elapsed_s = elapsed_start + time.perf_counter() - t_start
+            save_checkpoint()
+
+    # save: a final checkpoint, the held-out accuracy, then the artifact
+    if step % cfg.ckpt_every != 0:
+        save_checkpoint()
+    acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
+    out = ctx.output("dpo")
+    if out.exists():  # left by an attempt that crashed while writing it
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    policy.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (sft_dir / name).is_file():
+            shutil.copy2(sft_dir / name, out / name)
+    export_hf(policy, sft_dir, out / "hf")
+    metrics = {"val_pref_acc": ev["pref_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
+               **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
+    meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
+            "config": asdict(cfg), "curve": curve}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    tasks = sorted(k.removeprefix("acc/") for k in acc if k.startswith("acc/"))
+    rows = [{"task": t, "sft_acc": sft_acc[f"acc/{t}"], "dpo_acc": acc[f"acc/{t}"]} for t in tasks]
+    summary = (
+        f"DPO: {step} steps ({stopped_by}), beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}; held-out preference accuracy "
+        f"{ev['pref_acc']:.3f} on {len(val)} pairs (mean implicit-reward margin {ev['margin']:.3f}).\n\n"
+        + ("| task | SFT acc | DPO acc |\n|---|---|---|\n" + "".join(
+            f"| {r['task']} | {r['sft_acc']:.3f} | {r['dpo_acc']:.3f} |\n" for r in rows) if rows else "")
+    )
+    return StageResult(outputs={"dpo": {"val_pref_acc": ev["pref_acc"], "steps": step}}, metrics=metrics,
+                       summary=summary, tables={"eval_curve": curve, "heldout_accuracy": rows})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.modules[__name__]))
