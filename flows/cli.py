@@ -328,14 +328,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
 CHAT_MODELS = ("grpo", "dpo", "sft")  # newest stage of the chat line first
 
 
+def registered_model(home: Home, uri: str) -> Path:
+    """The local directory of `models:/NAME/VERSION`, `models:/NAME/latest` or `models:/NAME@ALIAS` in
+    the home's registry (resolved with an explicit client: mlflow's module-level helpers would look in
+    the default registry of the working directory)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    ref = uri.removeprefix("models:/")
+    name, sep, alias = ref.partition("@")
+    name, _, version = name.partition("/") if not sep else (name, "", "")
+    client = MlflowClient(home.mlflow_uri, registry_uri=home.mlflow_uri)
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version in ("", "latest"):
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise MlflowException(f"no versions of {name!r}")
+            mv = max(versions, key=lambda v: int(v.version))
+        else:
+            mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        known = ", ".join(m.name for m in client.search_registered_models()) or "none"
+        raise FileNotFoundError(f"{uri}: not in the registry of {home.root} ({str(e).splitlines()[0]}; registered: {known})") from None
+    local = Path(client.download_artifacts(mv.run_id, "model")) if not mv.source.startswith("file:") else Path(mv.source.removeprefix("file://"))
+    if not (local / "config.json").exists():
+        raise FileNotFoundError(f"{uri}: the registered files at {local} are not a model directory")
+    return local
+
+
 def resolve_model(home: Home, name: str) -> Path:
-    """A model directory from a path, an output name (base, sft, dpo, grpo) or `chat` (the newest
-    stage of the chat line that is published)."""
+    """A model directory from a path, an output name (base, sft, dpo, grpo), `chat` (the newest
+    stage of the chat line that is published) or a registry URI (`models:/tiny-chat/latest`,
+    `models:/tiny-chat/3`), resolved in the home's MLflow registry."""
     from storage.artifacts import ArtifactStore
 
     p = Path(name)
     if p.is_dir() and (p / "config.json").exists():
         return p
+    if name.startswith("models:/"):
+        return registered_model(home, name)
     store = ArtifactStore(home)
     wanted = CHAT_MODELS if name == "chat" else (name,)
     for out in wanted:
@@ -418,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a model of the family", epilog='example: family generate --model base "The json module"')
     p.add_argument("prompt", nargs="+", help="one or more prompts (batched)")
-    p.add_argument("--model", default="base", help="base, sft, dpo, grpo, chat, or a model directory (default: base)")
+    p.add_argument("--model", default="base", help="base, sft, dpo, grpo, chat, a registry URI (models:/tiny-base/latest), or a model directory (default: base)")
     p.add_argument("--home")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -428,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model of the family (interactive, or one-shot with --prompt)", epilog='example: family chat --prompt "What is 12 + 30?"')
-    p.add_argument("--model", default="chat", help="chat (newest of grpo, dpo, sft), sft, dpo, grpo, or a model directory")
+    p.add_argument("--model", default="chat", help="chat (newest of grpo, dpo, sft), sft, dpo, grpo, a registry URI (models:/tiny-chat/latest), or a model directory")
     p.add_argument("--prompt", help="one-shot: answer this and exit")
     p.add_argument("--system", help="a system message")
     p.add_argument("--home")

@@ -16,6 +16,10 @@ A recipe is `flows/recipes/<name>.yaml` (or any path):
       base: base
       grpo: chat
 
+`extends: tiny` (a recipe name or a path relative to this file) starts from another recipe: its
+stages keep their fields unless this file sets them, stages it lacks are appended, and the other
+top-level keys are taken from this file where given (`register`, `modules`, `launch` are merged).
+
 `--set stage.field=value` overrides one field (the value is read as YAML). Everything is validated
 before anything runs: an unknown stage or field, a value of the wrong type, or an input that no
 stage of the recipe produces is one line naming which and where.
@@ -36,7 +40,8 @@ import yaml
 from stages.contract import ConfigError, check_type, build_config, config_to_json
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register"}
+TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register", "extends"}
+MERGED = ("modules", "launch", "register")  # mappings an extending recipe adds to
 
 
 class RecipeError(ConfigError):
@@ -141,8 +146,10 @@ def _import_stage(stage: str, module_name: str, where: str) -> types.ModuleType:
     return module
 
 
-def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    path = resolve_path(recipe)
+def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe file as a mapping, with `extends:` resolved (base first, this file on top)."""
+    if path in seen:
+        raise RecipeError(f"{path}: extends itself through {' -> '.join(p.name for p in seen)}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -154,6 +161,31 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
     unknown = set(raw) - TOP_LEVEL
     if unknown:
         raise RecipeError(f"{path}: unknown top-level key(s) {sorted(unknown)} (allowed: {sorted(TOP_LEVEL)})")
+    parent_ref = raw.pop("extends", None)
+    if parent_ref is None:
+        return raw
+    local = path.parent / str(parent_ref)
+    try:
+        parent_path = local.resolve() if local.is_file() else resolve_path(str(parent_ref))
+    except RecipeError as e:
+        raise RecipeError(f"{path}: extends: {e}") from None
+    base = read_raw(parent_path, (*seen, path))
+    stages = {k: dict(v or {}) for k, v in (base.get("stages") or {}).items()}
+    for stage, values in (raw.get("stages") or {}).items():
+        stages[stage] = {**stages.get(stage, {}), **(values or {})}
+    merged = {**base, **{k: v for k, v in raw.items() if k not in MERGED}, "stages": stages}
+    for key in MERGED:
+        merged[key] = {**(base.get(key) or {}), **(raw.get(key) or {})}
+    if "name" not in raw:
+        merged["name"] = path.stem
+    if "description" not in raw:
+        merged.pop("description", None)
+    return merged
+
+
+def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_path(recipe)
+    raw = read_raw(path)
     stages_raw = raw.get("stages") or {}
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise RecipeError(f"{path}: 'stages' must map stage names to their config")

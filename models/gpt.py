@@ -211,6 +211,7 @@ class GPT(nn.Module):
                 residual = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers) if residual else 0.02)
 
+    @torch.inference_mode(False)  # grown during generation, the tables must still serve training later
     def _build_rope(self, n: int) -> None:
         """cos / signed-sin tables (n, head_dim), computed in fp32 as HF Qwen3 does, kept as buffers."""
         hd = self.cfg.head_dim

@@ -34,13 +34,14 @@ Deviations from DeepSeekMath GRPO:
   reference and retrains the reward model every iteration).
 - mu defaults to 1 (the paper uses 1 as well in its main run); the clipped objective is implemented for mu > 1.
 
-Held-out: acc/<task> on the val prompts (greedy, stages/chat/evaluate.py) at the end, and
-start_acc/<task>, the input model's accuracy on the same prompts. The step's time is split into
+Held-out: acc/<task> on the val prompts (greedy, stages/chat/evaluate.py) at the end,
+start_acc/<task>, the input (DPO) model's accuracy on the same prompts, and sft_acc/<task>, the SFT
+model's: the number GRPO has to improve on. The step's time is split into
 gen_seconds (sampling) and train_seconds (log-probs, loss, update).
 
 Run:
     python -m stages.grpo --config c.json --inputs i.json --run-dir DIR
-    with i.json = {"dpo": "DPO_DIR", "prompts": "PROMPTS_DIR", "reward_model": "RM_DIR"}
+    with i.json = {"dpo": "DPO_DIR", "prompts": "PROMPTS_DIR", "reward_model": "RM_DIR", "sft": "SFT_DIR"}
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ from storage import checkpoints
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows
 
-INPUTS = ("dpo", "prompts", "reward_model")
+INPUTS = ("dpo", "prompts", "reward_model", "sft")
 OUTPUTS = ("grpo",)
 GPU = True
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -183,6 +184,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     train_ids = [prompt_ids(tok, r["prompt"]) for r in train]
     order = BatchOrder(len(train), cfg.prompts_per_step, ctx.seed)
     start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens) if val else {}
+    sft_acc = evaluate_prompts(GPT.from_pretrained(inputs["sft"].path, device=device).eval(), tok, val,
+                               cfg.eval_new_tokens) if val else {}
     derived = {"train_prompts": len(train), "val_prompts": len(val), "samples_per_step": cfg.prompts_per_step * cfg.group_size,
                "epochs_planned": cfg.max_steps * cfg.prompts_per_step / len(train)}
     log.info("grpo: %s; start held-out accuracy %s", json.dumps(derived), json.dumps(start_acc))
@@ -292,20 +295,22 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     def mean_of(points: list[dict[str, float]], key: str) -> float:
         return sum(p[key] for p in points) / len(points) if points else float("nan")
 
-    metrics = {**acc, **{f"start_{k}": v for k, v in start_acc.items()}, "steps": float(step),
+    metrics = {**acc, **{f"start_{k}": v for k, v in start_acc.items()}, **{f"sft_{k}": v for k, v in sft_acc.items()},
+               "steps": float(step),
                "gen_seconds": gen_total, "train_seconds": train_total,
                "reward_first5": mean_of(first, "reward/mean"), "reward_last5": mean_of(last, "reward/mean")}
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
             "config": asdict(cfg), "curve": curve}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     tasks = sorted(k.removeprefix("acc/") for k in acc if k.startswith("acc/"))
-    rows = [{"task": t, "start_acc": start_acc[f"acc/{t}"], "grpo_acc": acc[f"acc/{t}"]} for t in tasks]
+    rows = [{"task": t, "sft_acc": sft_acc[f"acc/{t}"], "start_acc": start_acc[f"acc/{t}"], "grpo_acc": acc[f"acc/{t}"]}
+            for t in tasks]
     summary = (
         f"GRPO: {step} steps ({stopped_by}), {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step; "
         f"train reward {metrics['reward_first5']:.3f} (first 5 steps) -> {metrics['reward_last5']:.3f} (last 5); "
         f"time {gen_total:.1f} s generating, {train_total:.1f} s training.\n\n"
-        + ("| task | start acc | GRPO acc |\n|---|---|---|\n" + "".join(
-            f"| {r['task']} | {r['start_acc']:.3f} | {r['grpo_acc']:.3f} |\n" for r in rows) if rows else "")
+        + ("| task | SFT acc | DPO acc (start) | GRPO acc |\n|---|---|---|---|\n" + "".join(
+            f"| {r['task']} | {r['sft_acc']:.3f} | {r['start_acc']:.3f} | {r['grpo_acc']:.3f} |\n" for r in rows) if rows else "")
     )
     return StageResult(outputs={"grpo": {"steps": step, "acc": acc.get("acc", float("nan"))}}, metrics=metrics,
                        summary=summary, tables={"train_curve": curve, "heldout_accuracy": rows})

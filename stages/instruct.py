@@ -12,7 +12,7 @@ Tasks (each item gives one chat row, one prefs row, and a prompts row when its a
 - docqa: closed-book questions about the modules, functions and classes the corpus documents,
   answered from that documentation (stages/chat/docqa.py): "What does json.dumps do?" -> the first
   sentence of its docstring; "Which module provides dumps?" -> "json" (exact).
-- arith: "What is 347 + 58?" -> "405" (add, subtract, multiply 2-3 digit numbers; numeric).
+- arith: "What is 347 + 58?" -> "405" (operands 10..arith_max, operators from arith_ops; numeric).
 - count: letters in a word, words in a phrase -> "3" (numeric).
 - string: reverse, uppercase, first/last letter of a word -> "nohtyp" (exact; uppercase exact_case).
 - wordprob: templated one- or two-step word problems -> "12 - 5 = 7" (numeric: the last number).
@@ -77,6 +77,8 @@ class Config:
     n_count: int = 1000
     n_string: int = 1000
     n_wordprob: int = 1000
+    arith_max: int = 999  # operands are drawn from 10..arith_max
+    arith_ops: str = "+-*"  # the operators arith questions use
     max_docqa: int = 4000  # docqa items at most (0: none); a seeded sample when the corpus gives more
     heldout_frac: float = 0.1  # share of prompts held out as "val"
     seed: int = 0
@@ -91,6 +93,8 @@ class Config:
         for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.arith_max < 10 or not self.arith_ops or set(self.arith_ops) - set("+-*"):
+            raise ValueError(f"arith_max must be >= 10 and arith_ops a non-empty subset of '+-*', got {self.arith_max}, {self.arith_ops!r}")
         if not 0.0 <= self.heldout_frac < 1.0:
             raise ValueError(f"heldout_frac must be in [0, 1), got {self.heldout_frac}")
 
@@ -171,9 +175,9 @@ def unique_items(make: Callable[[random.Random], Item | None], n: int, rng: rand
     return list(items.values())
 
 
-def arith_item(rng: random.Random) -> Item:
-    op = rng.choice("+-*")
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*") -> Item:
+    op = rng.choice(ops)
+    a, b = rng.randint(10, max_operand), rng.randint(10, max_operand)
     if op == "-" and a < b:
         a, b = b, a  # keep results non-negative: the sign is one more thing for a tiny model to learn
     result = {"+": a + b, "-": a - b, "*": a * b}[op]
@@ -285,7 +289,7 @@ def generate(cfg: Config, entries: list[Entry], words: list[str]) -> list[Item]:
         docqa = rng("docqa-sample").sample(docqa, cfg.max_docqa)
     return (
         docqa
-        + unique_items(arith_item, cfg.n_arith, rng("arith"))
+        + unique_items(lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops), cfg.n_arith, rng("arith"))
         + unique_items(lambda r: count_item(r, words), cfg.n_count, rng("count"))
         + unique_items(lambda r: string_item(r, words), cfg.n_string, rng("string"))
         + unique_items(wordprob_item, cfg.n_wordprob, rng("wordprob"))

@@ -9,8 +9,9 @@ with HF `tokenizers` on the train documents, and writes
 - `tokens`: train.bin / val.bin (every document's ids followed by <|endoftext|>, uint16 when the
   vocabulary fits) and meta.json with token, byte and document counts per split.
 
-The tokenizer: GPT-2 pre-tokenization regex and byte-to-unicode map (ByteLevel, no prefix space), no
-normalizer, so decode(encode(text)) == text for any text; the 8 special tokens of
+The tokenizer: digits split one per token (`split_digits`, as Llama and Qwen do: a number's tokens
+then line up with its digits, which is what arithmetic needs), then the GPT-2 pre-tokenization
+regex and byte-to-unicode map (ByteLevel, no prefix space), no normalizer, so decode(encode(text)) == text for any text; the 8 special tokens of
 `models.tokenizer.SPECIAL_TOKENS` take ids 0..7, then the 256 byte symbols, then the merges.
 
 Deviations: the tokenizer is trained on the train split only, so that validation bits per byte are
@@ -48,6 +49,7 @@ ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: enough for the Rust 
 class Config:
     vocab_size: int = 4096
     min_frequency: int = 2  # a pair must occur this often to be merged
+    split_digits: bool = True  # one token per digit (Llama, Qwen); false: GPT-2 style multi-digit tokens
     val_frac: float = 0.05  # fraction of documents (by id hash) held out; at least one
     max_train_bytes: int = 1_000_000_000  # cap on the text the BPE trainer sees
 
@@ -77,10 +79,12 @@ def assign_splits(ids: list[str], val_frac: float) -> list[bool]:
     return is_val
 
 
-def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> HFTokenizer:
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, split_digits: bool = True) -> HFTokenizer:
     """Byte-level BPE with SPECIAL_TOKENS at ids 0..len-1."""
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -119,7 +123,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # train
     ctx.progress(0, 1, "train BPE")
     t0 = time.perf_counter()
-    hf_tok = train_bpe(texts(split_val=False, max_bytes=cfg.max_train_bytes), cfg.vocab_size, cfg.min_frequency)
+    hf_tok = train_bpe(texts(split_val=False, max_bytes=cfg.max_train_bytes), cfg.vocab_size, cfg.min_frequency, cfg.split_digits)
     train_s = time.perf_counter() - t0
     tok = Tokenizer(hf_tok)
     if tok.eot_id != 0:

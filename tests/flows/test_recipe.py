@@ -61,3 +61,26 @@ def test_bad_recipe_files(tmp_path):
 def test_unknown_recipe_name():
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         load_recipe("nope")
+
+
+def test_extends_keeps_the_base_and_overrides_field_by_field(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {TOY}\nstages:\n  square: {{steps: 7}}\nregister: {{numbers: nums}}\n")
+    r = load_recipe(child)
+    assert r.name == "child" and list(r.stages) == ["source", "square", "total"]
+    assert r.stages["square"].config.steps == 7 and r.stages["square"].config.power == 2  # kept from the base
+    assert r.register == {**load_recipe(TOY).register, "numbers": "nums"}
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\nstages: {}\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_recipe(loop)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("extends: nope\nstages: {}\n")
+    with pytest.raises(ConfigError, match="missing.yaml: extends: unknown recipe 'nope'"):
+        load_recipe(missing)
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny", "small", "base"])
+def test_built_in_recipes_are_valid(name):
+    r = load_recipe(name)
+    assert r.stages["pretrain"].config.d_model > 0 and "grpo" in r.stages

@@ -152,3 +152,14 @@ def test_positions_past_max_seq_len_extend_the_rope_table():
     logits = model(x)[0]
     assert model.rope_cos.shape[0] >= 20 and torch.isfinite(logits).all()
     torch.testing.assert_close(logits, tiny(max_seq_len=32)(x)[0], rtol=0, atol=1e-6)
+
+
+def test_rope_table_grown_under_inference_mode_still_trains():
+    """Generation past max_seq_len grows the table inside inference_mode; the next training forward
+    (GRPO's, right after sampling) must still be able to backpropagate through it."""
+    model = tiny(max_seq_len=8)
+    with torch.inference_mode():
+        model(torch.randint(0, V, (1, 20)))
+    loss = model(torch.randint(0, V, (2, 20)), targets=torch.randint(0, V, (2, 20)))[1]
+    loss.backward()
+    assert model.lm_head.weight.grad is not None or model.embed_tokens.weight.grad is not None

@@ -59,7 +59,7 @@ def world(tmp_path_factory):
     sft = make_model_dir(root)
     rm = RewardModel(GPT.from_pretrained(sft))
     rm.save_pretrained(root / "rm")
-    return {"dpo": artifact("dpo", sft), "prompts": artifact("prompts", write_prompts(root / "prompts", always="c")),
+    return {"dpo": artifact("dpo", sft), "sft": artifact("sft", sft), "prompts": artifact("prompts", write_prompts(root / "prompts", always="c")),
             "reward_model": artifact("reward_model", root / "rm")}
 
 
@@ -71,6 +71,7 @@ def test_short_run_learns_the_verifiable_task(world, tmp_path):
     m = result.metrics
     assert m["reward_last5"] > m["reward_first5"] + 0.3, result.summary
     assert m["acc/say"] >= m["start_acc/say"] + 0.5, result.summary
+    assert m["sft_acc/say"] == m["start_acc/say"]  # here the "dpo" input is the sft model itself
     assert m["gen_seconds"] > 0 and m["train_seconds"] > 0
     for key in ("reward/mean", "reward/std", "accuracy", "kl", "completion_len", "clip_frac", "gen_seconds"):
         assert len(ctx.tracker.metrics[key]) == 20

@@ -64,6 +64,11 @@ def test_encode_decode_round_trip_any_text(built):
     assert built["result"].metrics["tokens_per_byte"] < 0.45
 
 
+def test_digits_are_one_token_each(built):
+    tok = Tokenizer.load(built["tok_dir"])
+    assert [tok.decode([i]) for i in tok.encode("What is 2024 + 17?") if tok.decode([i]).strip().isdigit()] == list("202417")
+
+
 def test_shards_match_meta_and_split_by_document(built):
     out, rows = built["tokens"], built["rows"]
     meta = json.loads((out / "meta.json").read_text())
@@ -122,7 +127,7 @@ def test_hf_auto_tokenizer_loads_and_agrees(built):
     hf = transformers.AutoTokenizer.from_pretrained(str(built["tok_dir"]), local_files_only=True)
     tok = Tokenizer.load(built["tok_dir"])
     assert hf.eos_token == "<|endoftext|>" and hf.eos_token_id == 0 and hf.pad_token_id == 0 and hf.bos_token is None
-    text = built["rows"][1]["text"][:2000] + " <|im_start|>user\n😀"
+    text = built["rows"][1]["text"][:2000] + " <|im_start|>user\n😀 12345 + 678"
     assert hf(text, add_special_tokens=True)["input_ids"] == tok.encode(text)
     assert hf.decode(tok.encode(text)) == text
     for gen in (False, True):
