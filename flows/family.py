@@ -343,7 +343,6 @@ def family_flow(
     rcp: Recipe = load_recipe(recipe, overrides)
     selection = dict(force_from=force_from, only=only, until=until, refresh=refresh)
     plans = make_plan(rcp, h, **selection)
-    store = ArtifactStore(h)
     flow_key = artifact_key(rcp.name)
 
     lineage, parent = None, None

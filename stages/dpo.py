@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from models.gpt import GPT
 from models.hf_export import export_hf
 from models.tokenizer import Tokenizer
-from stages.chat.evaluate import evaluate_prompts
-from stages.chat.preference import BatchOrder, Pair, heldout_prompts, read_pairs, sequence_logps
+from stages.chat.evaluate import evaluate_prompts, pick_heldout
+from stages.chat.preference import BatchOrder, Pair, read_pairs, sequence_logps
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
+from storage.parquet import iter_rows
 
 INPUTS = ("sft", "prefs", "prompts")
 OUTPUTS = ("dpo",)
@@ -170,7 +171,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         raise StageError(f"dpo: {inputs['prefs'].path} has {len(train)} train and {len(val)} val pairs within {max_len} "
                          f"tokens; need at least batch_size={cfg.batch_size} train pairs and one val pair")
     val = val[:: max(1, math.ceil(len(val) / cfg.eval_pairs))]
-    prompts = heldout_prompts(inputs["prompts"].path, cfg.eval_per_task)
+    prompts = pick_heldout(iter_rows(inputs["prompts"].path), cfg.eval_per_task)
     order = BatchOrder(len(train), cfg.batch_size, ctx.seed)
     val_ref_c, val_ref_r = reference_logps(ref, val, cfg.batch_size, tok.pad_id, device, autocast)
     sft_acc = evaluate_prompts(ref, tok, prompts, cfg.max_new_tokens) if prompts else {}

@@ -63,8 +63,8 @@ from models.gpt import GPT
 from models.heads import RewardModel, score_batch
 from models.hf_export import export_hf
 from models.tokenizer import Tokenizer
-from stages.chat.evaluate import evaluate_prompts, prompt_ids
-from stages.chat.preference import BatchOrder, heldout_prompts, pad_right, response_mask, token_logps
+from stages.chat.evaluate import evaluate_prompts, pick_heldout, prompt_ids
+from stages.chat.preference import BatchOrder, pad_right, response_mask, token_logps
 from stages.chat.verifiers import VERIFIERS, verify
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
@@ -180,7 +180,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     if len(train) < cfg.prompts_per_step:
         raise StageError(f"grpo: {inputs['prompts'].path} has {len(train)} train prompts with a known verifier "
                          f"({', '.join(VERIFIERS)}); need at least prompts_per_step={cfg.prompts_per_step}")
-    val = [r for r in heldout_prompts(inputs["prompts"].path, cfg.eval_per_task) if r["verifier"] in VERIFIERS]
+    val = [r for r in pick_heldout(iter_rows(inputs["prompts"].path), cfg.eval_per_task) if r["verifier"] in VERIFIERS]
     train_ids = [prompt_ids(tok, r["prompt"]) for r in train]
     order = BatchOrder(len(train), cfg.prompts_per_step, ctx.seed)
     start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens) if val else {}

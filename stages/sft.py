@@ -52,7 +52,7 @@ from models.gpt import GPT
 from models.hf_export import export_hf
 from models.lora import apply_lora, merge_lora
 from models.tokenizer import IM_END, Tokenizer
-from stages.chat.evaluate import few_shot_base_eval, generate_answers, score
+from stages.chat.evaluate import few_shot_base_eval, generate_answers, pick_heldout, score
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
@@ -255,14 +255,6 @@ def eval_loss(model: GPT, rows: torch.Tensor, batch_size: int, pack: bool, devic
     return total / max(1, count)
 
 
-def eval_prompt_rows(rows: list[dict[str, Any]], per_task: int) -> list[dict[str, Any]]:
-    """At most per_task val prompts of each task, the first by id (the same ones in every run)."""
-    by_task: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted(rows, key=lambda r: r["id"]):
-        by_task.setdefault(row["task"] or "all", []).append(row)
-    return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
-
-
 def read_split(path: str, split: str) -> list[dict[str, Any]]:
     try:
         return [r for r in iter_rows(path) if r["split"] == split]
@@ -300,7 +292,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                          f"check the instruct stage or raise seq_len")
     loader = ChatLoader(train_ex, seq_len, cfg.batch_size, tok.pad_id, cfg.pack, ctx.seed)
     val_rows = pack_rows(val_ex, np.arange(len(val_ex)), seq_len, tok.pad_id, cfg.pack)
-    eval_prompts = eval_prompt_rows(read_split(inputs["prompts"].path, "val"), cfg.eval_per_task)
+    eval_prompts = pick_heldout(read_split(inputs["prompts"].path, "val"), cfg.eval_per_task)
     shot_pool = read_split(inputs["prompts"].path, "train")
 
     steps_per_epoch = math.ceil(len(loader.rows(0)) / cfg.batch_size)

@@ -12,12 +12,15 @@ prompts come before the question. format="text" writes them as plain "Question: 
 blocks, the shape of text the base model was pretrained on, and cuts the answer at the first newline;
 format="chat" writes them as earlier ChatML turns. Shots are drawn per prompt with a seeded
 generator, so a run is reproducible and no prompt is its own example.
+
+Which prompts: `pick_heldout` takes the first `per_task` val prompts of each task by id, the same
+ones in every run and every stage (sft, dpo, grpo), so their accuracies compare across stages.
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,6 +31,14 @@ from models.tokenizer import Tokenizer
 from stages.chat.verifiers import verify
 
 Messages = list[dict[str, str]]
+
+
+def pick_heldout(rows: Iterable[dict[str, Any]], per_task: int) -> list[dict[str, Any]]:
+    """At most per_task of the val rows of each task, the first by id, tasks in name order."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for row in sorted((r for r in rows if r["split"] == "val"), key=lambda r: r["id"]):
+        by_task.setdefault(row["task"] or "all", []).append(row)
+    return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
 
 
 def prompt_ids(tok: Tokenizer, messages: Messages) -> list[int]:

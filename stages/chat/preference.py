@@ -5,8 +5,6 @@
   context are dropped and counted.
 - `BatchOrder`: a seeded permutation per epoch, consumed batch by batch; its state is two integers,
   so a checkpoint resumes the exact data order.
-- `heldout_prompts`: the val prompts evaluated before and after training, chosen as the sft stage
-  chooses them (the first `per_task` of each task by id), so the accuracies compare across stages.
 - `pad_right`, `token_logps`, `sequence_logps`: right-padded batches and per-token / per-sequence
   log-probabilities of the response tokens under a causal LM. Right padding needs no attention
   mask: a real token never attends to the padding after it.
@@ -48,14 +46,6 @@ def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[li
             continue
         pairs.append(Pair(row["id"], row["prompt"], chosen, rejected, chosen_mask, rejected_mask))
     return pairs, too_long
-
-
-def heldout_prompts(path: str | Path, per_task: int) -> list[dict[str, Any]]:
-    """At most per_task val prompts of each task, the first by id (the same ones in every run)."""
-    by_task: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted((r for r in iter_rows(path) if r["split"] == "val"), key=lambda r: r["id"]):
-        by_task.setdefault(row["task"] or "all", []).append(row)
-    return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
 
 
 class BatchOrder:

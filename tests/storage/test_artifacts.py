@@ -1,7 +1,6 @@
 """The artifact store: atomic publish, manifest last, leases that survive nothing but their holder."""
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import signal
