@@ -95,11 +95,30 @@ def export_hf(model: GPT, tokenizer_dir: str | Path | None, out_dir: str | Path)
         generation.update(ids)
         if stops:
             generation["eos_token_id"] = stops if len(stops) > 1 else stops[0]
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, out / name)
+        copy_tokenizer_files(tokenizer_dir, out)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out
+
+
+def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy2(Path(tokenizer_dir) / name, Path(out_dir) / name)
+
+
+def save_model_dir(model: torch.nn.Module, tokenizer_dir: str | Path, out_dir: str | Path, hf: bool = True) -> Path:
+    """A stage's model directory: the weights (`model.save_pretrained`), the tokenizer files of
+    tokenizer_dir and, for a GPT with hf=True, the HF Qwen3 export in hf/. A directory left by an
+    attempt that crashed while writing it is replaced."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model.save_pretrained(out)
+    copy_tokenizer_files(tokenizer_dir, out)
+    if hf:
+        export_hf(model, tokenizer_dir, out / "hf")
     return out
 
 

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT
-from models.hf_export import export_hf
+from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.chat.evaluate import evaluate_prompts, pick_heldout
 from stages.chat.preference import BatchOrder, Pair, read_pairs, sequence_logps
@@ -59,7 +58,6 @@ from storage.parquet import iter_rows
 INPUTS = ("sft", "prefs", "prompts")
 OUTPUTS = ("dpo",)
 GPU = True
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -255,15 +253,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     if step % cfg.ckpt_every != 0:
         save_checkpoint()
     acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
-    out = ctx.output("dpo")
-    if out.exists():  # left by an attempt that crashed while writing it
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    policy.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (sft_dir / name).is_file():
-            shutil.copy2(sft_dir / name, out / name)
-    export_hf(policy, sft_dir, out / "hf")
+    out = save_model_dir(policy, sft_dir, ctx.output("dpo"))
     metrics = {"val_pref_acc": ev["pref_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
                **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,

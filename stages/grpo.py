@@ -49,7 +49,6 @@ import contextlib
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -61,7 +60,7 @@ import torch
 from models.generate import generate
 from models.gpt import GPT
 from models.heads import RewardModel, score_batch
-from models.hf_export import export_hf
+from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.chat.evaluate import evaluate_prompts, pick_heldout, prompt_ids
 from stages.chat.preference import BatchOrder, pad_right, response_mask, token_logps
@@ -74,7 +73,6 @@ from storage.parquet import iter_rows
 INPUTS = ("dpo", "prompts", "reward_model", "sft")
 OUTPUTS = ("grpo",)
 GPU = True
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -281,15 +279,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     if step % cfg.ckpt_every != 0:
         save_checkpoint()
     acc = evaluate_prompts(policy, tok, val, cfg.eval_new_tokens) if val else {}
-    out = ctx.output("grpo")
-    if out.exists():  # left by an attempt that crashed while writing it
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    policy.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copy2(src_dir / name, out / name)
-    export_hf(policy, src_dir, out / "hf")
+    out = save_model_dir(policy, src_dir, ctx.output("grpo"))
     first, last = curve[:5], curve[-5:]
 
     def mean_of(points: list[dict[str, float]], key: str) -> float:

@@ -35,7 +35,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.generate import generate
 from models.gpt import GPT, GPTConfig
-from models.hf_export import export_hf
+from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
@@ -465,15 +464,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         metrics["mfu"] = flops_per_token * tokens_per_s / (cfg.peak_tflops * 1e12 * ctx.world_size)
     result = StageResult(metrics=metrics)
     if ctx.is_main:
-        out = ctx.output("base")
-        if out.exists():  # left by an attempt that crashed while writing it
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        raw_model.save_pretrained(out)
-        for f in tokenizer_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, out / f.name)
-        export_hf(raw_model, tokenizer_dir, out / "hf")
+        out = save_model_dir(raw_model, tokenizer_dir, ctx.output("base"))
         run_meta = {
             "steps": step, "total_steps": total_steps, "stopped_by": stopped_by, "train_tokens_seen": tokens_seen,
             "train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": baseline_bpb,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from models.gpt import GPT
 from models.heads import RewardModel
+from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.chat.preference import BatchOrder, Pair, pad_right, read_pairs
 from stages.contract import StageContext, StageError, StageResult, main
@@ -47,7 +47,6 @@ from storage.artifacts import Artifact
 INPUTS = ("sft", "prefs")
 OUTPUTS = ("reward_model",)
 GPU = True
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -201,14 +200,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # save: a final checkpoint, then the artifact
     if step % cfg.ckpt_every != 0:
         save_checkpoint()
-    out = ctx.output("reward_model")
-    if out.exists():  # left by an attempt that crashed while writing it
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (sft_dir / name).is_file():
-            shutil.copy2(sft_dir / name, out / name)
+    out = save_model_dir(model, sft_dir, ctx.output("reward_model"), hf=False)
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "val": ev, "derived": derived,
             "config": asdict(cfg), "curve": curve}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
