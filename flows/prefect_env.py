@@ -7,6 +7,7 @@ API URL is recorded in `<home>/prefect/server.json` and runs talk to it instead 
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -48,6 +49,24 @@ def configure(home: Home, use_server: bool = True) -> None:
         os.environ["PREFECT_API_URL"] = url
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            lines = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+            cause = next((ln for ln in reversed(lines) if "Error" in ln and "startup failed" not in ln), lines[-1] if lines else "")
+            raise RuntimeError(f"Prefect API server exited with code {proc.returncode}: {cause.strip()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Prefect API server not healthy after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 @contextmanager
 def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
     """The API URL of a Prefect server for this home: `family ui`'s if live, else a temporary one."""
@@ -63,23 +82,19 @@ def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
         sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory", "prefect.server.api.server:create_app",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/api"
+    # One server starts at a time per home: a starting server migrates the SQLite database, and two
+    # runs starting together (each with its own server) would otherwise race on the migration.
+    home.prefect_home.mkdir(parents=True, exist_ok=True)
+    with open(home.prefect_home / "server-start.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_healthy(proc, url, timeout_s)
+        except BaseException:
+            stop_group(proc)
+            raise
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
-                raise RuntimeError(f"Prefect API server exited with code {proc.returncode}: {err[-1] if err else ''}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Prefect API server not healthy after {timeout_s:.0f} s")
-            time.sleep(0.1)
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:

@@ -96,3 +96,27 @@ def test_two_concurrent_runs_never_build_one_stage_twice(tmp_path):
     ran = calls.read_text().split()
     assert sorted(ran) == ["source", "square", "total"], f"each stage body ran once, got {ran}"
     assert len(ArtifactStore(Home(home)).history("square")) == 1
+
+
+SERVER_ONLY = """
+import sys
+from pathlib import Path
+from flows.prefect_env import api_server, configure
+from storage.home import Home
+home = Home(Path(sys.argv[1]))
+configure(home, use_server=False)
+with api_server(home) as url:
+    print(url)
+"""
+
+
+def test_three_api_servers_starting_at_once_on_a_fresh_home(tmp_path):
+    """Each starting server migrates the home's SQLite database; started together they used to race
+    ("Application startup failed"). They now start one at a time and all come up."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env["PYTHONPATH"] = str(REPO)
+    procs = [subprocess.Popen([sys.executable, "-c", SERVER_ONLY, str(tmp_path / "home")], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0 and out.startswith("http://127.0.0.1:"), err
