@@ -267,8 +267,8 @@ def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="JSON file with Config fields (defaults for the rest)")
     p.add_argument("--inputs", help=f"JSON file mapping {list(module.INPUTS)} to paths")
     p.add_argument("--run-dir", required=True, help="directory to write the outputs into")
-    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: RUN_DIR/../ckpt)")
-    p.add_argument("--state-dir", help="persistent state (default: RUN_DIR/../state)")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go (default: RUN_DIR.ckpt, next to RUN_DIR)")
+    p.add_argument("--state-dir", help="persistent state (default: RUN_DIR.state, next to RUN_DIR)")
     p.add_argument("--device", default=os.environ.get("FAMILY_DEVICE", "cpu"))
     p.add_argument("--seed", type=int, default=int(os.environ.get("FAMILY_SEED", "0")))
     args = p.parse_args(argv)
@@ -292,8 +292,9 @@ def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else run_dir.parent / "ckpt"
-    state = Path(args.state_dir) if args.state_dir else run_dir.parent / "state"
+    # next to the run dir, named after it: two runs in one folder never resume from each other's checkpoints
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else run_dir.with_name(run_dir.name + ".ckpt")
+    state = Path(args.state_dir) if args.state_dir else run_dir.with_name(run_dir.name + ".state")
     progress_file = os.environ.get("FAMILY_PROGRESS_FILE")
     progress: Progress = TqdmProgress(name) if rank == 0 else null_progress
     if progress_file and rank == 0:

@@ -172,3 +172,20 @@ def test_user_file_content_is_part_of_the_fingerprint(tmp_path):
     assert fp1 != fp2
     notes.write_text("v1")
     assert {p.stage: p for p in make_plan(load_recipe(TOY, [f"source.notes_file={notes}"]), home)}["source"].fingerprint == fp1
+
+
+def test_stage_cli_keeps_checkpoints_next_to_each_run_dir(tmp_path, calls):
+    """`python -m stages.X --run-dir DIR` without --checkpoint-dir: DIR.ckpt, so two runs in one
+    folder (a square run, then another square run elsewhere in that folder) never resume each other."""
+    from stages.contract import main
+    from tests.flows.toy import source, square
+
+    assert main(source, ["--run-dir", str(tmp_path / "src")]) == 0
+    numbers = tmp_path / "src" / "numbers"
+    (tmp_path / "i.json").write_text(json.dumps({"numbers": str(numbers)}))
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 3}))
+    assert main(square, ["--run-dir", str(tmp_path / "a"), "--inputs", str(tmp_path / "i.json"), "--config", str(tmp_path / "c.json")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a.ckpt").iterdir())[-1] == "step-00000003"
+    assert main(square, ["--run-dir", str(tmp_path / "b"), "--inputs", str(tmp_path / "i.json")]) == 0
+    result = json.loads((tmp_path / "result.json").read_text()) if (tmp_path / "result.json").exists() else None
+    assert (tmp_path / "b.ckpt").is_dir() and result is not None and result["metrics"]["resumed_from"] == 0.0
