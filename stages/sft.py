@@ -5,7 +5,8 @@ model directory like `base` (model.safetensors + config.json, tokenizer files wi
 eos token, meta.json, an HF export in hf/). Measured on held-out data: the loss on `chat` val, and
 the greedy exact-match accuracy per task on `prompts` val (stages/chat/evaluate.py) of the SFT model
 zero-shot ("acc/<task>") and of the base model few-shot ("base_acc/<task>"; see evaluate.py for why
-the base model gets solved examples in plain "Question:/Answer:" text, the format it has read).
+the base model gets solved examples in plain "Question:/Answer:" text, the format it has read), next
+to the trivial baseline "majority_acc/<task>": always giving the task's most common train answer.
 
 How (InstructGPT's SFT step, Ouyang et al. 2022, in the shape of nanochat's chat_sft):
 - Each conversation is rendered in ChatML and trained on with next-token cross-entropy on the
@@ -52,7 +53,7 @@ from models.gpt import GPT
 from models.hf_export import export_hf
 from models.lora import apply_lora, merge_lora
 from models.tokenizer import IM_END, Tokenizer
-from stages.chat.evaluate import few_shot_base_eval, generate_answers, pick_heldout, score
+from stages.chat.evaluate import few_shot_base_eval, generate_answers, majority_baseline, pick_heldout, score
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
@@ -410,6 +411,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         ctx.progress(1, 1, "sft model eval")
         metrics.update(score(eval_prompts, completions))
         metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+        metrics.update({f"majority_{k}": v for k, v in majority_baseline(shot_pool, eval_prompts).items()})
         seen_tasks: set[str] = set()
         for row, completion in zip(eval_prompts, completions):
             if row["task"] not in seen_tasks or len(samples) < 12:
@@ -431,15 +433,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     (out / "meta.json").write_text(json.dumps(run_meta, indent=2))
 
     tasks = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("acc/")})
-    table = [{"task": t, "prompts": sum(r["task"] == t for r in eval_prompts), "base_acc": metrics.get(f"base_acc/{t}"),
-              "acc": metrics[f"acc/{t}"]} for t in tasks]
+    table = [{"task": t, "prompts": sum(r["task"] == t for r in eval_prompts), "majority_acc": metrics[f"majority_acc/{t}"],
+              "base_acc": metrics.get(f"base_acc/{t}"), "acc": metrics[f"acc/{t}"]} for t in tasks]
     lines = [f"SFT: {step} steps ({stopped_by}), {derived['trainable_params'] / 1e6:.2f}M trainable params"
              f"{f' (LoRA r={cfg.lora_r} on {len(lora_layers)} layers)' if lora_layers else ''}, val loss {val_loss:.4f}.", ""]
     if table:
         lines += [f"Held-out accuracy (greedy; base: {cfg.base_shots}-shot {cfg.base_shot_format}):", "",
-                  "| task | prompts | base (few-shot) | sft |", "|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r['prompts']} | {r['base_acc'] if r['base_acc'] is not None else float('nan'):.3f} "
-                  f"| {r['acc']:.3f} |" for r in table]
+                  "| task | prompts | most common answer | base (few-shot) | sft |", "|---|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['prompts']} | {r['majority_acc']:.3f} "
+                  f"| {r['base_acc'] if r['base_acc'] is not None else float('nan'):.3f} | {r['acc']:.3f} |" for r in table]
         lines += ["", "Samples:", ""] + [f"- [{s['task']}] {s['prompt']!r} -> {s['completion']!r} (answer {s['answer']!r})"
                                          for s in samples]
     summary = "\n".join(lines)

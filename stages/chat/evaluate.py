@@ -88,6 +88,16 @@ def score(rows: list[dict[str, Any]], completions: list[str]) -> dict[str, float
     return metrics
 
 
+def majority_baseline(train_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The trivial baseline: per task, always answer the task's most common train answer.
+    {"acc/<task>": ..., "acc": ...} on `rows`, graded by each row's verifier like a model's answers."""
+    counts: dict[str, Counter] = {}
+    for r in train_rows:
+        counts.setdefault(r.get("task") or "all", Counter())[r["answer"]] += 1
+    guess = {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in counts.items()}
+    return score(rows, [guess.get(r.get("task") or "all", "") for r in rows])
+
+
 def evaluate_prompts(model: GPT, tok: Tokenizer, rows: list[dict[str, Any]], max_new_tokens: int = 32,
                      batch_size: int = 32) -> dict[str, float]:
     """Zero-shot accuracy of a chat model on `prompts` rows: {"acc/<task>": ..., "acc": ...}."""

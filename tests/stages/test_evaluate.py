@@ -21,6 +21,14 @@ def test_score_grades_with_each_rows_verifier_per_task_and_overall():
     assert got == {"acc/arith": 0.5, "acc/string": 1.0, "acc": 2 / 3}
 
 
+def test_majority_baseline_answers_the_most_common_train_answer_per_task():
+    train = [row("q1", "1", "count", "numeric", "train"), row("q2", "1", "count", "numeric", "train"),
+             row("q3", "2", "count", "numeric", "train"), row("q4", "x", "string", split="train")]
+    val = [row("v1", "1", "count", "numeric"), row("v2", "3", "count", "numeric"), row("v3", "x", "string"),
+           row("v4", "y", "string")]
+    assert evaluate.majority_baseline(train, val) == {"acc/count": 0.5, "acc/string": 0.5, "acc": 0.5}
+
+
 def test_generate_answers_prompts_in_chatml_and_keeps_input_order(monkeypatch):
     tok = tiny_tokenizer()
     calls = []

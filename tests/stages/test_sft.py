@@ -165,6 +165,7 @@ def test_sft_learns_the_task_and_resumes_exactly(tmp_path):
 
     assert result.metrics["acc/opposite"] >= 0.75 > untrained["acc/opposite"] + 0.5
     assert "base_acc/opposite" in result.metrics and result.metrics["val_loss"] < 1.0
+    assert result.metrics["acc/opposite"] > result.metrics["majority_acc/opposite"]  # beats the trivial baseline
     out = ctx.output("sft")
     meta = json.loads((out / "meta.json").read_text())
     assert meta["steps"] == 60 and (out / "hf" / "config.json").is_file()
