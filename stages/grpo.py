@@ -194,12 +194,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
     step, elapsed_s, gen_total, train_total = 0, 0.0, 0.0, 0.0
     curve: list[dict[str, float]] = []  # one point per step, kept in the checkpoints
-    found = checkpoints.latest(ctx.checkpoint_dir)
-    if found is not None:
-        weights, state, meta = checkpoints.load(found, map_location=str(device))
-        policy.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoints.restore_rng(state)
+    resumed = checkpoints.resume(ctx.checkpoint_dir, policy, optimizer, map_location=str(device))
+    if resumed is not None:
+        found, meta = resumed
         order.load_state_dict(meta["order"])
         step, elapsed_s = meta["step"], meta["elapsed_s"]
         gen_total, train_total, curve = meta["gen_seconds"], meta["train_seconds"], meta["curve"]

@@ -350,12 +350,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # resume: weights, optimizer, RNG, loader position, step and the clock spent so far
     step, tokens_seen, elapsed_s = 0, 0, 0.0
-    found = checkpoints.latest(ctx.checkpoint_dir)
-    if found is not None:
-        weights, state, ck_meta = checkpoints.load(found, map_location=str(device))
-        raw_model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoints.restore_rng(state)
+    resumed = checkpoints.resume(ctx.checkpoint_dir, raw_model, optimizer, map_location=str(device))
+    if resumed is not None:
+        found, ck_meta = resumed
         loader.load_state_dict(ck_meta["loader"])
         step, tokens_seen, elapsed_s = ck_meta["step"], ck_meta["tokens_seen"], ck_meta["elapsed_s"]
         if ctx.is_main:

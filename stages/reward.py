@@ -139,12 +139,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # resume
     step, elapsed_s = 0, 0.0
-    found = checkpoints.latest(ctx.checkpoint_dir)
-    if found is not None:
-        weights, state, meta = checkpoints.load(found, map_location=str(device))
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoints.restore_rng(state)
+    resumed = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
+    if resumed is not None:
+        found, meta = resumed
         order.load_state_dict(meta["order"])
         step, elapsed_s = meta["step"], meta["elapsed_s"]
         log.info("reward: resumed from %s at step %d", found, step)

@@ -320,12 +320,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # resume, or score the base model before any step changes it
     step, elapsed_s, curve, base_metrics = 0, 0.0, [], {}
-    found = checkpoints.latest(ctx.checkpoint_dir)
-    if found is not None:
-        weights, state, meta = checkpoints.load(found, map_location=str(device))
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoints.restore_rng(state)
+    resumed = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
+    if resumed is not None:
+        found, meta = resumed
         loader.load_state_dict(meta["loader"])
         step, elapsed_s, curve, base_metrics = meta["step"], meta["elapsed_s"], meta["curve"], meta["base_metrics"]
         log.info("sft: resumed from %s at step %d", found, step)

@@ -83,6 +83,20 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, torch.T
     return weights, state, meta
 
 
+def resume(checkpoint_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           map_location: str = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """Load the latest checkpoint into model and optimizer and restore the RNG state; returns
+    (its path, its meta) for the caller's own loop state, or None when there is none."""
+    found = latest(checkpoint_dir)
+    if found is None:
+        return None
+    weights, state, meta = load(found, map_location=map_location)
+    model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state)
+    return found, meta
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
