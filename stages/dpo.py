@@ -40,16 +40,14 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT
 from models.hf_export import save_model_dir
-from models.tokenizer import Tokenizer
 from stages.chat.evaluate import evaluate_prompts, pick_heldout
-from stages.chat.preference import BatchOrder, Pair, read_pairs, sequence_logps
+from stages.chat.preference import BatchOrder, Pair, open_model_input, read_pairs, sequence_logps
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
@@ -154,11 +152,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # setup
     device = torch.device(ctx.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    sft_dir = Path(inputs["sft"].path)
-    if not (sft_dir / "config.json").is_file() or not (sft_dir / "tokenizer.json").is_file():
-        raise StageError(f"dpo: {sft_dir} is not a model directory (config.json + tokenizer.json); rebuild the sft stage")
-    tok = Tokenizer.load(sft_dir)
-    policy = GPT.from_pretrained(sft_dir, device=device)
+    sft_dir, tok, policy = open_model_input(inputs, "sft", "dpo", device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # the frozen reference = the SFT model
     max_len = cfg.max_len or policy.cfg.max_seq_len
 

@@ -52,7 +52,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,7 +62,7 @@ from models.heads import RewardModel, score_batch
 from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.chat.evaluate import evaluate_prompts, pick_heldout, prompt_ids
-from stages.chat.preference import BatchOrder, pad_right, response_mask, token_logps
+from stages.chat.preference import BatchOrder, open_model_input, pad_right, response_mask, token_logps
 from stages.chat.verifiers import VERIFIERS, verify
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
@@ -165,11 +164,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # setup
     device = torch.device(ctx.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    src_dir = Path(inputs["dpo"].path)
-    if not (src_dir / "config.json").is_file() or not (src_dir / "tokenizer.json").is_file():
-        raise StageError(f"grpo: {src_dir} is not a model directory (config.json + tokenizer.json); rebuild the dpo stage")
-    tok = Tokenizer.load(src_dir)
-    policy = GPT.from_pretrained(src_dir, device=device)
+    src_dir, tok, policy = open_model_input(inputs, "dpo", "grpo", device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = RewardModel.from_pretrained(inputs["reward_model"].path, device=device).eval() if cfg.rm_weight > 0 else None
 

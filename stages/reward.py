@@ -30,16 +30,13 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT
 from models.heads import RewardModel
 from models.hf_export import save_model_dir
-from models.tokenizer import Tokenizer
-from stages.chat.preference import BatchOrder, Pair, pad_right, read_pairs
+from stages.chat.preference import BatchOrder, Pair, open_model_input, pad_right, read_pairs
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
@@ -111,11 +108,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # setup
     device = torch.device(ctx.device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    sft_dir = Path(inputs["sft"].path)
-    if not (sft_dir / "config.json").is_file() or not (sft_dir / "tokenizer.json").is_file():
-        raise StageError(f"reward: {sft_dir} is not a model directory (config.json + tokenizer.json); rebuild the sft stage")
-    tok = Tokenizer.load(sft_dir)
-    backbone = GPT.from_pretrained(sft_dir)
+    sft_dir, tok, backbone = open_model_input(inputs, "sft", "reward")
     max_len = cfg.max_len or backbone.cfg.max_seq_len
 
     # data
