@@ -3,7 +3,7 @@
 What: from `docs_clean` and a seeded generator, writes three Parquet datasets, each with a
 `split` column ("train" or "val"):
 - `chat` (id, messages, task, source, split): conversations whose assistant turns SFT learns;
-- `prefs` (id, prompt, chosen, rejected, source, split): chosen is correct, rejected is a plausible
+- `prefs` (id, prompt, chosen, rejected, task, source, split): chosen is correct, rejected is a plausible
   wrong reply (a number off by a little, another item's answer, a truncated answer);
 - `prompts` (id, prompt, answer, verifier, task, source, split): prompts with a reference answer and
   the name of the check in stages/chat/verifiers.py that grades a completion (GRPO, evaluation).
@@ -12,10 +12,20 @@ Tasks (each item gives one chat row, one prefs row, and a prompts row when its a
 - docqa: closed-book questions about the modules, functions and classes the corpus documents,
   answered from that documentation (stages/chat/docqa.py): "What does json.dumps do?" -> the first
   sentence of its docstring; "Which module provides dumps?" -> "json" (exact).
-- arith: "What is 347 + 58?" -> "405" (operands 10..arith_max, operators from arith_ops; numeric).
+- arith: "What is 47 + 58?" -> "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
+  (operands 10..arith_max, operators from arith_ops; numeric: the last number). With `worked`, the
+  reply works the sum out column by column, as taught at school (products by partial products),
+  before it states the result: each step is a one-digit fact next to what it needs, which a small
+  model learns from a few thousand examples, where the bare "105" asks it to carry in its head
+  (Nye et al. 2021, "Show your work: scratchpads"; Lee et al. 2023, "Teaching arithmetic to small
+  transformers"). worked=false answers "47 + 58 = 105".
 - count: letters in a word, words in a phrase -> "3" (numeric).
-- string: reverse, uppercase, first/last letter of a word -> "nohtyp" (exact; uppercase exact_case).
-- wordprob: templated one- or two-step word problems -> "12 - 5 = 7" (numeric: the last number).
+- string: reverse, uppercase, first/last letter of a word -> "n o h t y p" (exact; uppercase exact_case).
+  With `letters_apart` (count and string) the word is written "p y t h o n": a BPE token hides its
+  letters, and a 4k-vocabulary model cannot learn the spelling of thousands of tokens in minutes, so
+  the task would measure the tokenizer instead of the skill.
+- wordprob: templated one- or two-step word problems over arith_ops, worked like arith -> "12 - 5 = 7"
+  (numeric: the last number).
 Replies are short and always in the same shape, so a tiny model can learn the format; the answer of
 a verifiable task is what its verifier checks. Words come from the corpus's own vocabulary.
 
@@ -78,7 +88,9 @@ class Config:
     n_string: int = 1000
     n_wordprob: int = 1000
     arith_max: int = 999  # operands are drawn from 10..arith_max
-    arith_ops: str = "+-*"  # the operators arith questions use
+    arith_ops: str = "+-*"  # the operators arith and word-problem questions use
+    worked: bool = True  # arithmetic replies work the sum out column by column before the answer
+    letters_apart: bool = True  # count and string questions write the word's letters apart: "p y t h o n"
     max_docqa: int = 4000  # docqa items at most (0: none); a seeded sample when the corpus gives more
     heldout_frac: float = 0.1  # share of prompts held out as "val"
     seed: int = 0
@@ -152,7 +164,7 @@ def assign_splits(rows: dict[str, list[dict[str, Any]]], frac: float) -> int:
     return moved
 
 
-# -- generated tasks ------------------------------------------------------------------------------------
+# -- sampling helpers ------------------------------------------------------------------------------------
 
 
 def near_miss(value: int, rng: random.Random, low: int | None = None) -> int:
@@ -175,22 +187,98 @@ def unique_items(make: Callable[[random.Random], Item | None], n: int, rng: rand
     return list(items.values())
 
 
-def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*") -> Item:
+# -- worked arithmetic ------------------------------------------------------------------------------------
+
+
+def digits(n: int, width: int) -> list[int]:
+    """The digits of n >= 0 from the ones up, padded with zeros to `width`."""
+    return [int(c) for c in reversed(str(n).zfill(width))]
+
+
+def column_work(a: int, b: int, op: str) -> tuple[str, int]:
+    """Column addition or subtraction (a >= b) from the ones up, the way it is taught at school, and its
+    result. The last line restates the sum, so its last number is the answer.
+
+    47 + 58 -> "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
+    85 - 47 -> "15 - 7 = 8, borrow 1. 8 - 1 - 4 = 3. 85 - 47 = 38"
+    """
+    width = len(str(max(a, b)))
+    steps, out, carry = [], [], 0
+    for x, y in zip(digits(a, width), digits(b, width)):
+        if op == "+":
+            s = x + y + carry
+            steps.append(f"{x} + {y}{f' + {carry}' if carry else ''} = {s}{', carry 1' if s >= 10 else ''}")
+            out.append(s % 10)
+            carry = s // 10
+        else:
+            borrow = int(x - carry < y)
+            top = x + 10 * borrow
+            d = top - carry - y
+            steps.append(f"{top}{f' - {carry}' if carry else ''} - {y} = {d}{', borrow 1' if borrow else ''}")
+            out.append(d)
+            carry = borrow
+    if op == "+" and carry:
+        out.append(carry)
+    result = int("".join(str(d) for d in reversed(out)))
+    return ". ".join(steps) + f". {a} {op} {b} = {result}", result
+
+
+def product_work(a: int, b: int) -> tuple[str, int]:
+    """a * b by partial products of b's digits: "347 * 58 = 347 * 8 + 347 * 50 = 2776 + 17350 = 20126";
+    a one-digit b is a single line."""
+    parts = [(int(d) * 10**k, a * int(d) * 10**k) for k, d in enumerate(reversed(str(b))) if d != "0"]
+    result = sum(v for _, v in parts)
+    if len(parts) == 1:
+        return f"{a} * {b} = {result}", result
+    return (f"{a} * {b} = " + " + ".join(f"{a} * {m}" for m, _ in parts) + " = "
+            + " + ".join(str(v) for _, v in parts) + f" = {result}"), result
+
+
+def work(a: int, op: str, b: int, worked: bool, rng: random.Random | None = None) -> tuple[str, int]:
+    """The reply for a op b (op in "+-*", a >= b for "-"): worked out when `worked`, else "a op b = r".
+
+    With `rng`, a plausible wrong reply instead: the same work with a result a little off at the end
+    (a near miss), so the only tokens that differ from the right reply are the wrong result's. Not a
+    slipped column carried through: every token after such a slip follows correctly from it, and DPO,
+    pushing the whole rejected reply down, would teach the model not to build on its own steps (it
+    cost 39 points of arithmetic accuracy on tiny).
+    """
+    right = {"+": a + b, "-": a - b, "*": a * b}[op]
+    if not worked:
+        text = f"{a} {op} {b} = {right}"
+    else:
+        text, _ = product_work(a, b) if op == "*" else column_work(a, b, op)
+    if rng is None:
+        return text, right
+    wrong = near_miss(right, rng, low=0)
+    return text.rsplit("=", 1)[0] + f"= {wrong}", wrong
+
+
+# -- the tasks ------------------------------------------------------------------------------------------
+
+
+def letters(word: str, apart: bool) -> str:
+    """A word as the model reads it in letter tasks: "p y t h o n" when `apart`, so every letter is
+    a token of its own (a BPE token hides its letters: the "strawberry" problem)."""
+    return " ".join(word) if apart else word
+
+
+def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*", worked: bool = True) -> Item:
     op = rng.choice(ops)
     a, b = rng.randint(10, max_operand), rng.randint(10, max_operand)
     if op == "-" and a < b:
         a, b = b, a  # keep results non-negative: the sign is one more thing for a tiny model to learn
-    result = {"+": a + b, "-": a - b, "*": a * b}[op]
-    wrong = near_miss(result, rng, low=0)
-    return Item("arith", f"What is {a} {op} {b}?", str(result), str(wrong), str(result), "numeric")
+    reply, result = work(a, op, b, worked)
+    rejected, _ = work(a, op, b, worked, rng)
+    return Item("arith", f"What is {a} {op} {b}?", reply, rejected, str(result), "numeric")
 
 
-def count_item(rng: random.Random, words: list[str]) -> Item:
+def count_item(rng: random.Random, words: list[str], apart: bool = True) -> Item:
     if rng.random() < 0.5:
         word = rng.choice(words)
         # mostly a letter of the word; sometimes one it lacks (answer 0)
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-        question = f'How many times does the letter "{letter}" appear in "{word}"?'
+        question = f'How many times does the letter "{letter}" appear in "{letters(word, apart)}"?'
         count = word.count(letter)
     else:
         phrase = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
@@ -199,19 +287,22 @@ def count_item(rng: random.Random, words: list[str]) -> Item:
     return Item("count", question, str(count), str(near_miss(count, rng, low=0)), str(count), "numeric")
 
 
-def string_item(rng: random.Random, words: list[str]) -> Item | None:
+def string_item(rng: random.Random, words: list[str], apart: bool = True) -> Item | None:
     word = rng.choice(words)
+    shown = letters(word, apart)
     op = rng.choice(("reverse", "upper", "first", "last"))
     if op == "reverse":
-        answer, question, verifier = word[::-1], f'Reverse the word "{word}".', "exact"
+        question, verifier = f'Reverse the letters of "{shown}".', "exact"
+        backwards = word[::-1]
         i = rng.randrange(len(word) - 1)  # a near miss: two neighbouring letters swapped
-        rejected = rng.choice([word, answer[:i] + answer[i + 1] + answer[i] + answer[i + 2:]])
+        wrong = rng.choice([word, backwards[:i] + backwards[i + 1] + backwards[i] + backwards[i + 2:]])
+        answer, rejected = letters(backwards, apart), letters(wrong, apart)
     elif op == "upper":
-        answer, question, verifier = word.upper(), f'Write "{word}" in uppercase.', "exact_case"
-        rejected = rng.choice([word, word.capitalize()])
+        question, verifier = f'Write "{shown}" in uppercase.', "exact_case"
+        answer, rejected = letters(word.upper(), apart), letters(rng.choice([word, word.capitalize()]), apart)
     else:
         answer = word[0] if op == "first" else word[-1]
-        question, verifier = f'What is the {op} letter of "{word}"?', "exact"
+        question, verifier = f'What is the {op} letter of "{shown}"?', "exact"
         others = [c for c in word if c != answer]
         if not others:
             return None
@@ -219,33 +310,59 @@ def string_item(rng: random.Random, words: list[str]) -> Item | None:
     return Item("string", question, answer, rejected, answer, verifier)
 
 
-def wordprob_item(rng: random.Random) -> Item:
+def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True) -> Item | None:
+    """A templated one- or two-step word problem over the operations in `ops` (sharing equally is the
+    inverse of "*"); the reply works the arithmetic out like arith_item. None: no template fits `ops`."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
     a, b, c = rng.randint(2, 60), rng.randint(2, 30), rng.randint(2, 12)
-    template = rng.randrange(6)
+    needs = {0: "+", 1: "-", 2: "*", 3: "*", 4: "+-", 5: "*"}
+    templates = [t for t, need in needs.items() if set(need) <= set(ops)]
+    if not templates:
+        return None
+    template = rng.choice(templates)
     if template == 0:
         question = f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} does {name} have now?"
-        expr, result = f"{a} + {b}", a + b
+        steps = [(a, "+", b)]
     elif template == 1:
         a = a + b  # enough to give away
         question = f"{name} has {a} {thing} and gives {b} to {other}. How many {thing} does {name} have left?"
-        expr, result = f"{a} - {b}", a - b
+        steps = [(a, "-", b)]
     elif template == 2:
         question = f"There are {c} boxes with {b} {thing} in each box. How many {thing} are there in total?"
-        expr, result = f"{c} * {b}", c * b
+        steps = [(b, "*", c)]
     elif template == 3:
         question = f"{name} shares {b * c} {thing} equally among {c} friends. How many {thing} does each friend get?"
-        expr, result = f"{b * c} / {c}", b
+        steps = [(b * c, "/", c)]
     elif template == 4:
         question = (f"A shelf holds {a} {thing}. {name} adds {b} {thing} and then takes away {c}. "
                     f"How many {thing} are on the shelf now?")
-        expr, result = f"{a} + {b} - {c}", a + b - c
+        steps = [(a, "+", b), (a + b, "-", c)]
     else:
         question = f"{name} reads {c} pages every day. How many pages does {name} read in {b} days?"
-        expr, result = f"{c} * {b}", c * b
-    wrong = near_miss(result, rng, low=0)
-    return Item("wordprob", question, f"{expr} = {result}", f"{expr} = {wrong}", str(result), "numeric")
+        steps = [(b, "*", c)]
+
+    def solve(wrong: random.Random | None) -> tuple[str, int]:
+        """The worked reply and its result; with `wrong`, a near miss at the last result (see work)."""
+        lines, value = [], None
+        for k, (x, op, y) in enumerate(steps):
+            x = x if value is None else value  # a second step works on the first one's result
+            miss = wrong if k == len(steps) - 1 else None
+            if op == "/":  # division by a divisor known to go in: state the quotient
+                value = x // y if miss is None else near_miss(x // y, miss, low=0)
+                lines.append(f"{x} / {y} = {value}")
+            elif op == "-" and x < y:
+                return "", -1
+            else:
+                text, value = work(x, op, y, worked, miss)
+                lines.append(text)
+        return ". ".join(lines), value
+
+    reply, result = solve(None)
+    rejected, wrong = solve(rng)
+    if wrong < 0 or wrong == result:
+        return None
+    return Item("wordprob", question, reply, rejected, str(result), "numeric")
 
 
 def docqa_items(entries: list[Entry], rng: random.Random) -> list[Item]:
@@ -289,10 +406,10 @@ def generate(cfg: Config, entries: list[Entry], words: list[str]) -> list[Item]:
         docqa = rng("docqa-sample").sample(docqa, cfg.max_docqa)
     return (
         docqa
-        + unique_items(lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops), cfg.n_arith, rng("arith"))
-        + unique_items(lambda r: count_item(r, words), cfg.n_count, rng("count"))
-        + unique_items(lambda r: string_item(r, words), cfg.n_string, rng("string"))
-        + unique_items(wordprob_item, cfg.n_wordprob, rng("wordprob"))
+        + unique_items(lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked), cfg.n_arith, rng("arith"))
+        + unique_items(lambda r: count_item(r, words, cfg.letters_apart), cfg.n_count, rng("count"))
+        + unique_items(lambda r: string_item(r, words, cfg.letters_apart), cfg.n_string, rng("string"))
+        + unique_items(lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked), cfg.n_wordprob, rng("wordprob"))
     )
 
 
@@ -358,11 +475,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     entries, words, n_docs = read_entries(inputs["docs_clean"].path, ctx)
     items = generate(cfg, entries, words)
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-    prefs_task: dict[str, str] = {}  # prefs rows have no task column: count them by their item's task
     for item in items:
         for kind, kind_rows in item_rows(item).items():
             rows[kind].extend(kind_rows)
-            prefs_task.update((r["id"], item.task) for r in kind_rows if kind == "prefs")
     for kind in KINDS:
         rows[kind].extend(user_rows[kind])
     if not rows["chat"]:
@@ -384,7 +499,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     per_task: dict[str, Counter] = {}
     for kind in KINDS:
         for r in rows[kind]:
-            task = r.get("task") or prefs_task.get(r["id"]) or r["source"]
+            task = r.get("task") or r["source"]
             per_task.setdefault(task, Counter())[f"{kind}_{r['split']}"] += 1
     task_table = [{"task": t, **{f"{k}_{s}": c[f"{k}_{s}"] for k in KINDS for s in ("train", "val")}}
                   for t, c in sorted(per_task.items())]

@@ -67,6 +67,7 @@ PREFS = pa.schema(
         ("prompt", MESSAGES),
         ("chosen", MESSAGES),
         ("rejected", MESSAGES),
+        ("task", pa.string()),  # not in DESIGN's schema: per-task reward/DPO accuracy needs it (null for imports)
         ("source", pa.string()),
         ("split", pa.string()),
     ]

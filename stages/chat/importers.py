@@ -369,7 +369,7 @@ def to_row(ex: Example, kind: Kind, source: str) -> dict[str, Any]:
     if kind == "chat":
         row = {"messages": ex.prompt + ex.reply, "task": ex.task}
     elif kind == "prefs":
-        row = {"prompt": ex.prompt, "chosen": ex.reply, "rejected": ex.rejected}
+        row = {"prompt": ex.prompt, "chosen": ex.reply, "rejected": ex.rejected, "task": ex.task}
     else:
         row = {"prompt": ex.prompt, "answer": ex.answer, "verifier": ex.verifier, "task": ex.task}
     return {"id": _row_id(source, kind, row), **row, "source": source, "split": ex.split}

@@ -108,12 +108,95 @@ def test_generated_answers_are_right():
     for it in instruct.unique_items(instruct.arith_item, 200, rng):
         a, op, b = it.question.removeprefix("What is ").rstrip("?").split()
         assert int(it.answer) == eval(f"{int(a)} {op} {int(b)}")  # noqa: S307 - our own two integers
+        assert it.reply.startswith(f"{a} {op} {b} = ") if op == "*" else it.reply.endswith(f"{a} {op} {b} = {it.answer}")
+        assert it.reply.endswith(f" = {it.answer}")
     for it in instruct.unique_items(lambda r: instruct.string_item(r, ["python"]), 10, rng):
+        assert it.answer in {"n o h t y p", "P Y T H O N", "p", "n"}
+    for it in instruct.unique_items(lambda r: instruct.string_item(r, ["python"], apart=False), 10, rng):
         assert it.answer in {"nohtyp", "PYTHON", "p", "n"}
-    for it in instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana"]), 20, rng):
-        quoted = re.findall(r'"([^"]*)"', it.question)
-        expected = quoted[1].count(quoted[0]) if it.question.startswith("How many times") else len(quoted[0].split())
-        assert it.answer == str(expected), it.question
+    for apart in (True, False):
+        for it in instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana"], apart), 20, rng):
+            quoted = re.findall(r'"([^"]*)"', it.question)
+            if it.question.startswith("How many times"):
+                assert (" " in quoted[1]) == apart
+                expected = quoted[1].replace(" ", "").count(quoted[0])
+            else:
+                expected = len(quoted[0].split())
+            assert it.answer == str(expected), it.question
+
+
+def check_column_work(text: str, a: int, op: str, b: int) -> int:
+    """Re-derive a worked reply step by step: every one-digit step is true arithmetic, the carries and
+    borrows follow, and the digits read off the steps make the stated result. Returns the result."""
+    *steps, last = text.split(". ")
+    assert last.startswith(f"{a} {op} {b} = ")
+    width = len(str(max(a, b)))
+    assert len(steps) == width
+    out, carry = [], 0
+    for step, x, y in zip(steps, reversed(str(a).zfill(width)), reversed(str(b).zfill(width))):
+        lhs, rhs = step.split(" = ")
+        value = int(rhs.split(",")[0])
+        assert eval(lhs) == value, step  # noqa: S307 - digits and operators we wrote
+        terms = [int(t) for t in re.split(r" [-+] ", lhs)]
+        if op == "+":
+            assert terms == [int(x), int(y)] + ([carry] if carry else []), step
+            carry = value // 10
+            assert ("carry" in rhs) == bool(carry)
+        else:
+            borrow = "borrow 1" in rhs
+            assert terms == [int(x) + 10 * borrow] + ([carry] if carry else []) + [int(y)], step
+            carry = int(borrow)
+        out.append(value % 10)
+    if op == "+" and carry:
+        out.append(carry)
+    result = int("".join(map(str, reversed(out))))
+    assert last == f"{a} {op} {b} = {result}"
+    return result
+
+
+def test_worked_arithmetic_is_school_column_arithmetic():
+    assert instruct.column_work(47, 58, "+")[0] == "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
+    assert instruct.column_work(85, 47, "-")[0] == "15 - 7 = 8, borrow 1. 8 - 1 - 4 = 3. 85 - 47 = 38"
+    assert instruct.column_work(305, 47, "-")[0] == ("15 - 7 = 8, borrow 1. 10 - 1 - 4 = 5, borrow 1. 3 - 1 - 0 = 2. "
+                                                    "305 - 47 = 258")
+    assert instruct.product_work(347, 58)[0] == "347 * 58 = 347 * 8 + 347 * 50 = 2776 + 17350 = 20126"
+    assert instruct.product_work(34, 7)[0] == "34 * 7 = 238"
+    rng = random.Random(0)
+    for _ in range(2000):
+        a, b = rng.randint(0, 9999), rng.randint(0, 9999)
+        assert check_column_work(instruct.column_work(a, b, "+")[0], a, "+", b) == a + b
+        a, b = max(a, b), min(a, b)
+        assert check_column_work(instruct.column_work(a, b, "-")[0], a, "-", b) == a - b
+
+
+def test_worked_rejected_replies_differ_only_in_the_result():
+    """A rejected worked reply is the right work with a near-miss result: no token after a mistake."""
+    rng = random.Random(2)
+    for _ in range(500):
+        a, b = rng.randint(10, 999), rng.randint(10, 999)
+        a, b = max(a, b), min(a, b)
+        for op in "+-*":
+            right, value = instruct.work(a, op, b, worked=True)
+            wrong, result = instruct.work(a, op, b, worked=True, rng=rng)
+            assert value == eval(f"{a} {op} {b}") and result != value  # noqa: S307 - our own two integers
+            assert wrong == right.removesuffix(str(value)) + str(result)
+    for it in instruct.unique_items(lambda r: instruct.wordprob_item(r, "+-*"), 100, rng):
+        assert it.rejected.rsplit("= ", 1)[0] == it.reply.rsplit("= ", 1)[0]
+
+
+@pytest.mark.parametrize("ops, templates", [("+", {"gets"}), ("-", {"gives"}), ("+-", {"gets", "gives", "takes away"}),
+                                            ("*", {"boxes", "shares", "reads"})])
+def test_word_problems_use_only_the_recipes_operations(ops, templates):
+    seen = set()
+    for it in instruct.unique_items(lambda r: instruct.wordprob_item(r, ops), 60, random.Random(3)):
+        seen |= {t for t in ("gets", "gives", "takes away", "boxes", "shares", "reads") if t in it.question}
+        numbers = [int(n) for n in re.findall(r"\d+", it.question)]
+        if "takes away" in it.question:
+            assert int(it.answer) == numbers[0] + numbers[1] - numbers[2]
+        used = set(re.findall(r"[-+*/]", it.reply))
+        assert used <= set(ops) | ({"/", "+"} if "*" in ops else set())  # products add their partial products
+    assert seen == templates
+    assert instruct.wordprob_item(random.Random(0), "") is None
 
 
 # -- docqa on real pydoc text ---------------------------------------------------------------------------
