@@ -5,8 +5,19 @@ state of the LAST real token of each sequence (the InstructGPT / TRL `AutoModelF
 convention: a decoder sees the whole conversation only at its last position). The conversation is
 rendered with the chat template, so the last token is the "\n" after the response's <|im_end|>.
 
+    r(x, y) = w . h_last + b  +  lm_weight * mean_t log p(y_t | x, y_<t)
+
+Deviation: the second term, the backbone's own mean log-likelihood of the response tokens (its LM
+head is kept anyway), weighted by a learned scalar that starts at 1. So the reward starts as the
+SFT model's own judgement and training learns corrections to it. Without it, a last-token head on a
+4-layer model stays at chance on "which worked sum has the slipped digit" after 400 steps, while
+the same backbone's likelihood prefers the right one 99% of the time: the model that computes each
+digit knows when one is wrong, but learning to carry that to the last position takes far more data.
+The term needs `response_mask` (which tokens the response wrote); without it only the head is used.
+
 Saved as a model directory: the backbone as `GPT.save_pretrained` writes it (config.json +
-model.safetensors, loadable as a plain GPT) plus `head.safetensors` (weight (1, d), bias (1,)).
+model.safetensors, loadable as a plain GPT) plus `head.safetensors` (weight (1, d), bias (1,),
+lm_weight ()).
 
     rm = RewardModel.from_pretrained(dir)
     r = score(rm, tok, [{"role": "user", "content": "What is 2 + 2?"}], "4")
@@ -18,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from models.gpt import GPT
@@ -30,13 +42,17 @@ class RewardModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.cfg.d_model, 1)
-        # small random weights as HF initialises a sequence-classification head (std = initializer_range):
-        # rewards start near 0, and unlike a zero head the backbone gets a gradient from the first step
-        nn.init.normal_(self.head.weight, std=0.02)
+        # a zero head: the reward starts as the likelihood term alone (the SFT model's own judgement), not
+        # that plus noise; the backbone still gets a gradient from the first step, through the likelihood
+        nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.lm_weight = nn.Parameter(torch.ones(()))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids (right or left padded; attention_mask (B, T) bool, True = real) -> (B,) rewards."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids (right or left padded; attention_mask (B, T) bool, True = real) -> (B,) rewards.
+        response_mask (B, T) bool marks the response's tokens (conversation_ids' mask) for the
+        likelihood term; None leaves the term out."""
         B, T = input_ids.shape
         if attention_mask is None:
             last = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
@@ -49,12 +65,22 @@ class RewardModel(nn.Module):
             right_padded = bool((attention_mask[:, 0]).all())
             h = self.backbone.hidden(input_ids, attention_mask=None if right_padded else attention_mask)
         h_last = h[torch.arange(B, device=h.device), last]  # (B, d)
-        return self.head(h_last).squeeze(-1).float()  # (B,)
+        reward = self.head(h_last).squeeze(-1).float()  # (B,)
+        if response_mask is not None:
+            # log p of each response token, from the hidden state before it; the LM head only where needed
+            target = response_mask[:, 1:]  # (B, T-1): token t + 1 is the response's
+            rows = target.nonzero()[:, 0]  # (N,) the row of each response token
+            logits = self.backbone.lm_head(h[:, :-1][target])  # (N, V)
+            logps = -F.cross_entropy(logits.float(), input_ids[:, 1:][target], reduction="none")  # (N,)
+            total = torch.zeros(B, device=h.device).index_add_(0, rows, logps)
+            reward = reward + self.lm_weight * total / target.sum(1).clamp(min=1).float()
+        return reward
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         self.backbone.save_pretrained(out)
-        save_file({k: v.detach().contiguous() for k, v in self.head.state_dict().items()}, str(out / HEAD_FILE))
+        tensors = {k: v.detach().contiguous() for k, v in self.head.state_dict().items()}
+        save_file({**tensors, "lm_weight": self.lm_weight.detach().contiguous()}, str(out / HEAD_FILE))
 
     @classmethod
     def from_pretrained(cls, in_dir: str | Path, device: str | torch.device = "cpu") -> RewardModel:
@@ -62,7 +88,10 @@ class RewardModel(nn.Module):
         if not (d / HEAD_FILE).is_file():
             raise FileNotFoundError(f"{d / HEAD_FILE} not found: {d} is not a reward model directory")
         model = cls(GPT.from_pretrained(d))
-        model.head.load_state_dict(load_file(str(d / HEAD_FILE)))
+        tensors = load_file(str(d / HEAD_FILE))
+        with torch.no_grad():
+            model.lm_weight.copy_(tensors.pop("lm_weight", torch.zeros(())))  # a head saved without it never used it
+        model.head.load_state_dict(tensors)
         return model.to(device)
 
 
@@ -93,15 +122,18 @@ def score_batch(model: RewardModel, tok: Any, prompts: list[list[dict[str, str]]
     model.eval()
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        seqs = [conversation_ids(tok, p, [{"role": "assistant", "content": r}])[0][-max_len:]
-                for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        convs = [conversation_ids(tok, p, [{"role": "assistant", "content": r}])
+                 for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+        seqs = [ids[-max_len:] for ids, _ in convs]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-        for j, s in enumerate(seqs):  # right padding
+        response = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for j, (s, (_, resp)) in enumerate(zip(seqs, convs)):  # right padding
             ids[j, :len(s)] = torch.tensor(s)
             mask[j, :len(s)] = True
-        out.extend(model(ids.to(device), mask.to(device)).tolist())
+            response[j, :len(s)] = torch.tensor(resp[-max_len:])
+        out.extend(model(ids.to(device), mask.to(device), response.to(device)).tolist())
     model.train(was_training)
     return out
 

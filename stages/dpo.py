@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from models.gpt import GPT
 from models.hf_export import save_model_dir
 from stages.chat.evaluate import evaluate_prompts, pick_heldout
-from stages.chat.preference import BatchOrder, Pair, open_model_input, read_pairs, sequence_logps
+from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, open_model_input, read_pairs, sequence_logps
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
@@ -75,7 +75,7 @@ class Config:
     eval_every: int = 50
     eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
     eval_per_task: int = 100  # held-out prompts per task for acc/<task> (as sft chooses them), at the start and the end
-    max_new_tokens: int = 32  # greedy answer length for acc/<task>
+    max_new_tokens: int = 96  # greedy answer length for acc/<task> (a worked word problem takes ~80)
     ckpt_every: int = 50
     keep_checkpoints: int = 2
 
@@ -131,20 +131,23 @@ def reference_logps(ref: GPT, pairs: list[Pair], batch_size: int, pad_id: int, d
 @torch.no_grad()
 def evaluate_pairs(policy: GPT, pairs: list[Pair], ref_c: torch.Tensor, ref_r: torch.Tensor, cfg: Config, pad_id: int,
                    device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Held-out DPO loss, preference accuracy (implicit reward margin > 0) and mean margin."""
+    """Held-out DPO loss, preference accuracy (implicit reward margin > 0; overall and per task:
+    "pref_acc/<task>") and mean margin."""
     policy.eval()
-    loss, correct, margin = 0.0, 0.0, 0.0
+    loss, margin = 0.0, 0.0
+    correct: list[bool] = []
     for i in range(0, len(pairs), cfg.batch_size):
         with autocast:
             pc, pr, _ = pair_logps(policy, pairs[i:i + cfg.batch_size], pad_id, device)
         losses, rc, rr = dpo_loss(pc.float(), pr.float(), ref_c[i:i + cfg.batch_size], ref_r[i:i + cfg.batch_size],
                                   cfg.beta, cfg.label_smoothing)
         loss += losses.sum().item()
-        correct += (rc > rr).float().sum().item()
+        correct += (rc > rr).tolist()
         margin += (rc - rr).sum().item()
     policy.train()
     n = max(1, len(pairs))
-    return {"loss": loss / n, "pref_acc": correct / n, "margin": margin / n}
+    return {"loss": loss / n, "pref_acc": sum(correct) / n, "margin": margin / n,
+            **accuracy_by_task(pairs, correct, "pref_acc")}
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
@@ -246,6 +249,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
     out = save_model_dir(policy, sft_dir, ctx.output("dpo"))
     metrics = {"val_pref_acc": ev["pref_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
+               **{f"val_{k}": v for k, v in ev.items() if k.startswith("pref_acc/")},
                **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
             "config": asdict(cfg), "curve": curve}
@@ -254,7 +258,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     rows = [{"task": t, "sft_acc": sft_acc[f"acc/{t}"], "dpo_acc": acc[f"acc/{t}"]} for t in tasks]
     summary = (
         f"DPO: {step} steps ({stopped_by}), beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}; held-out preference accuracy "
-        f"{ev['pref_acc']:.3f} on {len(val)} pairs (mean implicit-reward margin {ev['margin']:.3f}).\n\n"
+        f"{ev['pref_acc']:.3f} on {len(val)} pairs (mean implicit-reward margin {ev['margin']:.3f})"
+        + "".join(f"; {k.removeprefix('pref_acc/')} {v:.3f}" for k, v in ev.items() if k.startswith("pref_acc/")) + ".\n\n"
         + ("| task | SFT acc | DPO acc |\n|---|---|---|\n" + "".join(
             f"| {r['task']} | {r['sft_acc']:.3f} | {r['dpo_acc']:.3f} |\n" for r in rows) if rows else "")
     )

@@ -28,8 +28,13 @@ Deviations from DeepSeekMath GRPO:
   completions are not down-weighted.
 - Rewards come from rule-based verifiers plus a small format bonus (outcome supervision only), not
   from a learned reward model; the reward model can be mixed in with rm_weight.
-- std is the unbiased group standard deviation (TRL's choice); groups where every sample got the same
-  reward have zero advantage and contribute only the KL term (they are kept, not resampled as in DAPO).
+- std is the unbiased group standard deviation (TRL's choice). Groups where every sample got the same
+  reward have zero advantage; with drop_uniform_groups (the default) they are left out of the update
+  (DAPO's dynamic sampling without the resampling: the batch shrinks instead), which saves their
+  forward and backward passes and keeps their KL-only gradient from diluting the others; the share
+  kept is logged as groups_used. A step where no group is left takes no update.
+- `tasks` restricts training to some tasks' prompts (a task the model never gets right gives only
+  uniform groups); held-out accuracy still covers every task.
 - The reference model stays the input model for the whole run (the paper's iterative GRPO resets the
   reference and retrains the reward model every iteration).
 - mu defaults to 1 (the paper uses 1 as well in its main run); the clipped objective is implemented for mu > 1.
@@ -79,7 +84,7 @@ class Config:
     prompts_per_step: int = 16  # B
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
-    max_new_tokens: int = 24  # the tasks' answers are a few tokens; a cut-off completion gets no format bonus
+    max_new_tokens: int = 96  # room for a worked two-step word problem; a cut-off completion gets no format bonus
     lr: float = 1e-4
     warmup_steps: int = 5  # linear warmup, then constant
     beta: float = 0.04  # KL coefficient (DeepSeekMath)
@@ -94,8 +99,10 @@ class Config:
     log_every: int = 1
     ckpt_every: int = 10
     keep_checkpoints: int = 2
+    tasks: tuple[str, ...] = ()  # train on the prompts of these tasks only (held-out accuracy still covers all); () = all
+    drop_uniform_groups: bool = True  # leave groups whose samples all got the same reward out of the update
     eval_per_task: int = 100  # held-out prompts per task for acc/<task> (as sft chooses them)
-    eval_new_tokens: int = 32
+    eval_new_tokens: int = 96
 
     def validate(self) -> None:
         for name in ("prompts_per_step", "max_new_tokens", "mu", "max_steps", "log_every", "ckpt_every",
@@ -141,9 +148,11 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     return loss, stats
 
 
-def train_prompts(path: str) -> list[dict[str, Any]]:
-    """Train prompts whose verifier is known (others are unusable for a verifiable reward)."""
-    return [r for r in iter_rows(path) if r["split"] == "train" and r["verifier"] in VERIFIERS and r["answer"]]
+def train_prompts(path: str, tasks: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Train prompts whose verifier is known (others are unusable for a verifiable reward), of `tasks`
+    when given."""
+    return [r for r in iter_rows(path) if r["split"] == "train" and r["verifier"] in VERIFIERS and r["answer"]
+            and (not tasks or r["task"] in tasks)]
 
 
 def rollout_rewards(tok: Tokenizer, rows: list[dict[str, Any]], completions: list[list[int]], cfg: Config,
@@ -169,10 +178,11 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     rm = RewardModel.from_pretrained(inputs["reward_model"].path, device=device).eval() if cfg.rm_weight > 0 else None
 
     # data
-    train = train_prompts(inputs["prompts"].path)
+    train = train_prompts(inputs["prompts"].path, cfg.tasks)
     if len(train) < cfg.prompts_per_step:
         raise StageError(f"grpo: {inputs['prompts'].path} has {len(train)} train prompts with a known verifier "
-                         f"({', '.join(VERIFIERS)}); need at least prompts_per_step={cfg.prompts_per_step}")
+                         f"({', '.join(VERIFIERS)}){f' of tasks {list(cfg.tasks)}' if cfg.tasks else ''}; "
+                         f"need at least prompts_per_step={cfg.prompts_per_step}")
     val = [r for r in pick_heldout(iter_rows(inputs["prompts"].path), cfg.eval_per_task) if r["verifier"] in VERIFIERS]
     train_ids = [prompt_ids(tok, r["prompt"]) for r in train]
     order = BatchOrder(len(train), cfg.prompts_per_step, ctx.seed)
@@ -229,26 +239,38 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         reward, correct, well_formed = rollout_rewards(tok, rows, completions, cfg, rm)
         gen_s = time.perf_counter() - t0
 
-        # 2. advantages and the training batch: prompt + completion (+ <|im_end|> when it stopped)
+        # 2. advantages and the training batch: prompt + completion (+ <|im_end|> when it stopped), without the
+        #    groups that teach nothing (every sample the same reward: zero advantage) when drop_uniform_groups
         t0 = time.perf_counter()
         adv = grpo_advantages(reward.view(-1, G), cfg.adv_eps).view(-1).to(device)  # (B*G,)
-        seqs = [p + c + ([tok.im_end_id] if len(c) < cfg.max_new_tokens else []) for p, c in zip(prompts, completions)]
-        ids = pad_right(seqs, tok.pad_id, device)  # (N, T)
-        mask = response_mask([len(p) for p in prompts], [len(s) for s in seqs], ids.shape[1], device)  # (N, T-1)
-        with torch.no_grad(), autocast:
-            ref_logps = token_logps(ref, ids)
-            old_logps = token_logps(policy, ids) if cfg.mu > 1 else None
+        keep = torch.ones(len(rows), dtype=torch.bool)
+        if cfg.drop_uniform_groups:
+            keep = (reward.view(-1, G).std(dim=1) > 0).repeat_interleave(G)
+        used = keep.float().mean().item()
+        stats = {"kl": torch.tensor(0.0), "clip_frac": torch.tensor(0.0)}
+        loss, grad_norm = torch.tensor(0.0), torch.tensor(0.0)
+        if keep.any():  # else nothing to learn from this batch: the step takes no update
+            kept = keep.nonzero().view(-1).tolist()
+            adv = adv[keep.to(device)]
+            seqs = [prompts[i] + completions[i] + ([tok.im_end_id] if len(completions[i]) < cfg.max_new_tokens else [])
+                    for i in kept]
+            ids = pad_right(seqs, tok.pad_id, device)  # (N, T)
+            mask = response_mask([len(prompts[i]) for i in kept], [len(s) for s in seqs], ids.shape[1], device)  # (N, T-1)
+            with torch.no_grad(), autocast:
+                ref_logps = token_logps(ref, ids)
+                old_logps = token_logps(policy, ids) if cfg.mu > 1 else None
 
-        # 3. mu updates on the same samples
-        for _ in range(cfg.mu):
-            with autocast:
-                logps = token_logps(policy, ids)  # (N, T-1)
-            loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, adv, mask,
-                                    cfg.clip_eps, cfg.beta)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # 3. mu updates on the same samples
+            for _ in range(cfg.mu):
+                with autocast:
+                    logps = token_logps(policy, ids)  # (N, T-1)
+                loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, adv, mask,
+                                        cfg.clip_eps, cfg.beta)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                           cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         step += 1
         train_s = time.perf_counter() - t0
         gen_total += gen_s
@@ -258,7 +280,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                    "accuracy": correct.mean().item(), "format": well_formed.mean().item(),
                    "kl": stats["kl"].item(), "clip_frac": stats["clip_frac"].item(), "loss": loss.item(),
                    "completion_len": sum(len(c) for c in completions) / len(completions), "grad_norm": grad_norm.item(),
-                   "lr": lr, "gen_seconds": gen_s, "train_seconds": train_s}
+                   "lr": lr, "gen_seconds": gen_s, "train_seconds": train_s, "groups_used": used}
         curve.append({"step": step, **metrics})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             ctx.tracker.log_metrics(metrics, step=step)

@@ -2,7 +2,8 @@
 
 What: reads `sft` (a model directory) and `prefs` (Parquet, schema prefs), trains
 `models.heads.RewardModel` (the SFT transformer + nn.Linear(d_model, 1) on the hidden state of the last
-token of the templated conversation) and writes `reward_model`: the backbone (config.json +
+token of the templated conversation, plus a learned multiple of the backbone's mean log-likelihood of
+the response: see models/heads.py for why) and writes `reward_model`: the backbone (config.json +
 model.safetensors), head.safetensors, the tokenizer files and meta.json. Later stages and evaluation
 score any (prompt, response) with `models.heads.score` / `score_batch`.
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from models.heads import RewardModel
 from models.hf_export import save_model_dir
-from stages.chat.preference import BatchOrder, Pair, open_model_input, pad_right, read_pairs
+from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, open_model_input, pad_right, read_pairs
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
 from storage.artifacts import Artifact
@@ -82,25 +83,29 @@ def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int, device: tor
     mask = ids.new_zeros(ids.shape, dtype=torch.bool)
     for i, s in enumerate(seqs):
         mask[i, :len(s)] = True
-    r = model(ids, mask)  # (2B,)
+    response = pad_right([p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs], False, device, torch.bool)
+    r = model(ids, mask, response)  # (2B,)
     return r[:len(pairs)], r[len(pairs):]
 
 
 @torch.no_grad()
 def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device,
              autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Pairwise accuracy, mean Bradley-Terry loss and mean margin over `pairs`."""
+    """Pairwise accuracy (overall and per task: "pair_acc/<task>"), mean Bradley-Terry loss and mean
+    margin over `pairs`."""
     model.eval()
-    correct, loss, margin = 0.0, 0.0, 0.0
+    correct: list[bool] = []
+    loss, margin = 0.0, 0.0
     for i in range(0, len(pairs), batch_size):
         with autocast:
             rc, rr = pair_rewards(model, pairs[i:i + batch_size], pad_id, device)
-        correct += (rc > rr).float().sum().item()
+        correct += (rc > rr).tolist()
         loss += bradley_terry_loss(rc, rr).sum().item()
         margin += (rc - rr).sum().item()
     model.train()
     n = max(1, len(pairs))
-    return {"pair_acc": correct / n, "loss": loss / n, "margin": margin / n}
+    return {"pair_acc": sum(correct) / n, "loss": loss / n, "margin": margin / n,
+            **accuracy_by_task(pairs, correct, "pair_acc")}
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
@@ -194,10 +199,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "val": ev, "derived": derived,
             "config": asdict(cfg), "curve": curve}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    metrics = {"val_pair_acc": ev["pair_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step)}
+    metrics = {"val_pair_acc": ev["pair_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
+               **{f"val_{k}": v for k, v in ev.items() if k.startswith("pair_acc/")}}
     summary = (
         f"Reward model: {step} steps ({stopped_by}) on {len(train)} pairs; held-out pairwise accuracy "
-        f"{ev['pair_acc']:.3f} on {len(val)} pairs (loss {ev['loss']:.4f}, mean margin {ev['margin']:.3f}).\n"
+        f"{ev['pair_acc']:.3f} on {len(val)} pairs (loss {ev['loss']:.4f}, mean margin {ev['margin']:.3f})"
+        + "".join(f"; {k.removeprefix('pair_acc/')} {v:.3f}" for k, v in ev.items() if k.startswith("pair_acc/")) + ".\n"
     )
     return StageResult(outputs={"reward_model": {"val_pair_acc": ev["pair_acc"], "steps": step}}, metrics=metrics,
                        summary=summary, tables={"eval_curve": curve})

@@ -95,7 +95,7 @@ class Config:
     keep_checkpoints: int = 2
     # held-out task accuracy: greedy decoding of at most eval_per_task val prompts per task
     eval_per_task: int = 100
-    max_new_tokens: int = 32
+    max_new_tokens: int = 96  # a worked two-step word problem takes ~80 tokens
     eval_batch_size: int = 64
     base_shots: int = 3  # solved examples before each question for the base model
     base_shot_format: Literal["text", "chat"] = "text"

@@ -6,6 +6,7 @@
 - `BatchOrder`: a seeded permutation per epoch, consumed batch by batch; its state is two integers,
   so a checkpoint resumes the exact data order.
 - `open_model_input`: the input model directory, its tokenizer and model, or a one-line error.
+- `accuracy_by_task`: a pairwise accuracy per task ("pair_acc/arith").
 - `pad_right`, `token_logps`, `sequence_logps`: right-padded batches and per-token / per-sequence
   log-probabilities of the response tokens under a causal LM. Right padding needs no attention
   mask: a real token never attends to the padding after it.
@@ -46,12 +47,13 @@ class Pair:
     rejected: list[int]
     chosen_mask: list[bool]  # True at the tokens the response writes
     rejected_mask: list[bool]
+    task: str = ""  # the prefs row's task ("" when it has none)
 
 
 def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[list[Pair], int]:
     """Pairs of `split` and the number dropped for exceeding max_len tokens."""
     pairs, too_long = [], 0
-    for row in iter_rows(path, columns=["id", "prompt", "chosen", "rejected", "split"]):
+    for row in iter_rows(path, columns=["id", "prompt", "chosen", "rejected", "task", "split"]):
         if row["split"] != split:
             continue
         chosen, chosen_mask = conversation_ids(tok, row["prompt"], row["chosen"])
@@ -59,7 +61,7 @@ def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[li
         if max(len(chosen), len(rejected)) > max_len:
             too_long += 1
             continue
-        pairs.append(Pair(row["id"], row["prompt"], chosen, rejected, chosen_mask, rejected_mask))
+        pairs.append(Pair(row["id"], row["prompt"], chosen, rejected, chosen_mask, rejected_mask, row["task"] or ""))
     return pairs, too_long
 
 
@@ -86,6 +88,15 @@ class BatchOrder:
         batch = order[self.position:self.position + self.batch_size].tolist()
         self.position += self.batch_size
         return batch
+
+
+def accuracy_by_task(pairs: list[Pair], correct: list[bool], name: str) -> dict[str, float]:
+    """{f"{name}/<task>": share of `correct` among the pairs of each task}, for pairs that have a task."""
+    by_task: dict[str, list[bool]] = {}
+    for pair, ok in zip(pairs, correct):
+        if pair.task:
+            by_task.setdefault(pair.task, []).append(ok)
+    return {f"{name}/{task}": sum(oks) / len(oks) for task, oks in sorted(by_task.items())}
 
 
 def pad_right(seqs: list[list[int]], pad_id: int | bool, device: torch.device | str = "cpu",

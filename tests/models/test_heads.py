@@ -41,13 +41,27 @@ def test_response_mask_skips_assistant_turns_inside_the_prompt():
 
 def test_save_and_load_round_trip_and_backbone_stays_a_gpt(tmp_path):
     rm = tiny_reward_model()
+    with torch.no_grad():
+        rm.lm_weight.fill_(0.5)
     rm.save_pretrained(tmp_path / "rm")
     assert (tmp_path / "rm" / "head.safetensors").is_file()
     back = RewardModel.from_pretrained(tmp_path / "rm").eval()
     x = torch.tensor([[4, 5, 6, 7]])
-    torch.testing.assert_close(back(x), rm(x))
+    response = torch.tensor([[False, False, True, True]])
+    torch.testing.assert_close(back(x, response_mask=response), rm(x, response_mask=response))
+    assert back.lm_weight.item() == 0.5
     gpt = GPT.from_pretrained(tmp_path / "rm")  # the backbone alone still loads as a plain GPT
     torch.testing.assert_close(gpt.hidden(x), rm.backbone.hidden(x))
+
+
+def test_likelihood_term_is_the_mean_log_prob_of_the_response_tokens():
+    rm = tiny_reward_model()
+    x = torch.tensor([[4, 5, 6, 7, 8]])
+    response = torch.tensor([[False, False, True, True, False]])  # tokens 6 and 7
+    logits, _ = rm.backbone(x)
+    logps = torch.log_softmax(logits[0], dim=-1)
+    expected = rm(x) + (logps[1, 6] + logps[2, 7]) / 2  # lm_weight starts at 1
+    torch.testing.assert_close(rm(x, response_mask=response), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_score_uses_the_chat_template_and_batches_agree():
@@ -56,7 +70,7 @@ def test_score_uses_the_chat_template_and_batches_agree():
     ids, response = conversation_ids(tok, prompt, [{"role": "assistant", "content": "b"}])
     assert tok.decode(ids) == "<|im_start|>user\nSay b.<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
     assert tok.decode([t for t, r in zip(ids, response) if r]) == "b<|im_end|>"
-    expected = rm(torch.tensor([ids])).item()
+    expected = rm(torch.tensor([ids]), response_mask=torch.tensor([response])).item()
     assert abs(score(rm, tok, prompt, "b") - expected) < 1e-5
     batch = score_batch(rm, tok, [prompt, prompt, [{"role": "user", "content": "Please answer with c."}]], ["b", "a", "c"])
     assert abs(batch[0] - expected) < 1e-5 and batch[1] != batch[0]

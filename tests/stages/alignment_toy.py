@@ -86,7 +86,8 @@ def write_prefs(path: Path, refusals: bool = False) -> Path:
                     prompt, chosen = chat(q, a)
                     rejected = "I will not say that." if refusals else wrong
                     rows.append({"id": f"{q}|{wrong}", "prompt": prompt, "chosen": chosen,
-                                 "rejected": chat(q, rejected)[1], "source": "toy", "split": split})
+                                 "rejected": chat(q, rejected)[1], "task": "refusal" if refusals else "letter",
+                                 "source": "toy", "split": split})
     write_table(rows, path / "part-00000.parquet", "prefs")
     return path
 

@@ -74,6 +74,7 @@ def test_short_run_increases_margins_and_accuracy(world, tmp_path):
     curve = result.tables["eval_curve"]
     assert curve[0]["val_pref_acc"] == 0.0  # the policy is the reference: every margin is exactly 0
     assert result.metrics["val_pref_acc"] > 0.8, result.summary
+    assert [k for k in result.metrics if k.startswith("val_pref_acc/")] == ["val_pref_acc/letter"]
     assert result.metrics["acc/say"] > result.metrics["sft_acc/say"], result.summary
     out = ctx.output("dpo")
     assert {"model.safetensors", "config.json", "tokenizer.json", "meta.json"} <= {p.name for p in out.iterdir()}

@@ -96,3 +96,23 @@ def test_reward_model_term_is_mixed_in(world, tmp_path):
     cfg = grpo.Config(prompts_per_step=4, group_size=2, max_new_tokens=4, max_steps=1, rm_weight=1.0, eval_per_task=0)
     result = grpo.run(cfg, world, make_ctx(tmp_path))
     assert result.metrics["steps"] == 1
+
+
+def test_uniform_groups_are_left_out_of_the_update(world, tmp_path):
+    """A group whose samples all got the same reward has zero advantage: with drop_uniform_groups it takes
+    no part in the update (and a step with only such groups takes none), so the weights do not move."""
+    cfg = grpo.Config(prompts_per_step=4, group_size=4, max_new_tokens=4, max_steps=2, eval_per_task=0, format_weight=0.0,
+                      beta=0.5, temperature=1e-3, ckpt_every=1)  # near-greedy: every sample of a prompt is the same
+    ctx = make_ctx(tmp_path)
+    result = grpo.run(cfg, world, ctx)
+    assert [p["groups_used"] for p in result.tables["train_curve"]] == [0.0, 0.0]
+    before = GPT.from_pretrained(world["dpo"].path).state_dict()
+    after = GPT.from_pretrained(ctx.output("grpo")).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tasks_choose_the_train_prompts(world, tmp_path):
+    assert {r["task"] for r in grpo.train_prompts(world["prompts"].path, ("say",))} == {"say"}
+    assert grpo.train_prompts(world["prompts"].path, ("arith",)) == []
+    with pytest.raises(grpo.StageError, match="of tasks \\['arith'\\]"):
+        grpo.run(grpo.Config(tasks=("arith",), eval_per_task=0), world, make_ctx(tmp_path))

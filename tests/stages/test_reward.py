@@ -33,6 +33,7 @@ def test_short_run_separates_an_easy_preference(world, tmp_path):
     cfg = reward.Config(max_steps=30, batch_size=16, lr=1e-3, eval_every=15, ckpt_every=30, log_every=10)
     result = reward.run(cfg, {"sft": world["sft"], "prefs": world["easy_prefs"]}, ctx)
     assert result.metrics["val_pair_acc"] > 0.9, result.summary
+    assert result.metrics["val_pair_acc/refusal"] == result.metrics["val_pair_acc"]  # one task: the same pairs
     assert [r["step"] for r in result.tables["eval_curve"]] == [0, 15, 30]
     out = ctx.output("reward_model")
     rm, tok = RewardModel.from_pretrained(out), Tokenizer.load(out)
