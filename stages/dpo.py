@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from models.gpt import GPT
 from models.hf_export import save_model_dir
-from stages.chat.evaluate import evaluate_prompts, pick_heldout
+from stages.chat.evaluate import evaluate_prompts, heldout_key, pick_heldout
 from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, open_model_input, read_pairs, sequence_logps
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import checkpoints
@@ -252,6 +252,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                **{f"val_{k}": v for k, v in ev.items() if k.startswith("pref_acc/")},
                **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
+            "heldout": {"key": heldout_key(prompts, cfg.max_new_tokens), "acc": acc, "sft_acc": sft_acc},
             "config": asdict(cfg), "curve": curve}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     tasks = sorted(k.removeprefix("acc/") for k in acc if k.startswith("acc/"))

@@ -41,7 +41,9 @@ Deviations from DeepSeekMath GRPO:
 
 Held-out: acc/<task> on the val prompts (greedy, stages/chat/evaluate.py) at the end,
 start_acc/<task>, the input (DPO) model's accuracy on the same prompts, and sft_acc/<task>, the SFT
-model's: the number GRPO has to improve on. The step's time is split into
+model's: the number GRPO has to improve on. The last two are read from the DPO model's meta.json
+when the DPO stage measured them on the same prompts with the same answer length (same key), and
+measured here otherwise. The step's time is split into
 gen_seconds (sampling) and train_seconds (log-probs, loss, update).
 
 Run:
@@ -66,7 +68,7 @@ from models.gpt import GPT
 from models.heads import RewardModel, score_batch
 from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
-from stages.chat.evaluate import evaluate_prompts, pick_heldout, prompt_ids
+from stages.chat.evaluate import evaluate_prompts, heldout_key, pick_heldout, prompt_ids, recorded_eval
 from stages.chat.preference import BatchOrder, open_model_input, pad_right, response_mask, token_logps
 from stages.chat.verifiers import VERIFIERS, verify
 from stages.contract import StageContext, StageError, StageResult, main
@@ -186,9 +188,14 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     val = [r for r in pick_heldout(iter_rows(inputs["prompts"].path), cfg.eval_per_task) if r["verifier"] in VERIFIERS]
     train_ids = [prompt_ids(tok, r["prompt"]) for r in train]
     order = BatchOrder(len(train), cfg.prompts_per_step, ctx.seed)
-    start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens) if val else {}
-    sft_acc = evaluate_prompts(GPT.from_pretrained(inputs["sft"].path, device=device).eval(), tok, val,
-                               cfg.eval_new_tokens) if val else {}
+    key = heldout_key(val, cfg.eval_new_tokens)
+    recorded = recorded_eval(src_dir / "meta.json", key)  # the DPO stage scored both models on these prompts
+    if recorded is not None or not val:
+        start_acc, sft_acc = (recorded["acc"], recorded["sft_acc"]) if recorded else ({}, {})
+    else:
+        start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens)
+        sft_acc = evaluate_prompts(GPT.from_pretrained(inputs["sft"].path, device=device).eval(), tok, val,
+                                   cfg.eval_new_tokens)
     derived = {"train_prompts": len(train), "val_prompts": len(val), "samples_per_step": cfg.prompts_per_step * cfg.group_size,
                "epochs_planned": cfg.max_steps * cfg.prompts_per_step / len(train)}
     log.info("grpo: %s; start held-out accuracy %s", json.dumps(derived), json.dumps(start_acc))
@@ -304,7 +311,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                "gen_seconds": gen_total, "train_seconds": train_total,
                "reward_first5": mean_of(first, "reward/mean"), "reward_last5": mean_of(last, "reward/mean")}
     meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
-            "config": asdict(cfg), "curve": curve}
+            "heldout": {"key": key, "acc": acc, "sft_acc": sft_acc}, "config": asdict(cfg), "curve": curve}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     tasks = sorted(k.removeprefix("acc/") for k in acc if k.startswith("acc/"))
     rows = [{"task": t, "sft_acc": sft_acc[f"acc/{t}"], "start_acc": start_acc[f"acc/{t}"], "grpo_acc": acc[f"acc/{t}"]}

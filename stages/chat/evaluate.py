@@ -18,9 +18,12 @@ ones in every run and every stage (sft, dpo, grpo), so their accuracies compare 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -102,6 +105,24 @@ def evaluate_prompts(model: GPT, tok: Tokenizer, rows: list[dict[str, Any]], max
                      batch_size: int = 32) -> dict[str, float]:
     """Zero-shot accuracy of a chat model on `prompts` rows: {"acc/<task>": ..., "acc": ...}."""
     return score(rows, generate_answers(model, tok, [r["prompt"] for r in rows], max_new_tokens, batch_size))
+
+
+def heldout_key(rows: list[dict[str, Any]], max_new_tokens: int) -> str:
+    """What a greedy held-out evaluation depends on besides the model: which prompts (ids: content
+    hashes) and how many tokens an answer may take. Two evaluations with one key and the same
+    weights give the same accuracies."""
+    return hashlib.sha256(json.dumps([sorted(r["id"] for r in rows), max_new_tokens]).encode()).hexdigest()[:16]
+
+
+def recorded_eval(meta_path: Path, key: str) -> dict[str, dict[str, float]] | None:
+    """The held-out accuracies a stage wrote in its model directory's meta.json under "heldout"
+    ({"key", "acc", "sft_acc"}), when they were measured with this key; else None. Lets a later
+    stage skip re-evaluating its input model (greedy decoding of every prompt twice costs seconds)."""
+    try:
+        heldout = json.loads(meta_path.read_text()).get("heldout") or {}
+    except (OSError, ValueError):
+        return None
+    return heldout if heldout.get("key") == key else None
 
 
 def few_shot_prompt(tok: Tokenizer, row: dict[str, Any], shots: list[dict[str, Any]],

@@ -1,6 +1,7 @@
 """DPO stage: the loss against hand-computed values and TRL's sigmoid formula, a short run, exact resume."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -78,6 +79,8 @@ def test_short_run_increases_margins_and_accuracy(world, tmp_path):
     assert result.metrics["acc/say"] > result.metrics["sft_acc/say"], result.summary
     out = ctx.output("dpo")
     assert {"model.safetensors", "config.json", "tokenizer.json", "meta.json"} <= {p.name for p in out.iterdir()}
+    heldout = json.loads((out / "meta.json").read_text())["heldout"]  # what grpo reuses instead of re-decoding
+    assert heldout["acc"]["acc/say"] == result.metrics["acc/say"] and heldout["sft_acc"]["acc/say"] == result.metrics["sft_acc/say"]
     assert (out / "hf" / "model.safetensors").is_file()
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies"):
         assert key in ctx.tracker.metrics

@@ -116,3 +116,26 @@ def test_tasks_choose_the_train_prompts(world, tmp_path):
     assert grpo.train_prompts(world["prompts"].path, ("arith",)) == []
     with pytest.raises(grpo.StageError, match="of tasks \\['arith'\\]"):
         grpo.run(grpo.Config(tasks=("arith",), eval_per_task=0), world, make_ctx(tmp_path))
+
+
+def test_start_and_sft_accuracy_are_read_from_the_dpo_record_when_it_matches(world, tmp_path):
+    """The DPO stage writes its held-out accuracies with a key of the prompts and answer length; GRPO
+    reuses them for the same key instead of decoding every prompt twice more, and measures otherwise."""
+    import json
+    import shutil
+
+    from stages.chat.evaluate import heldout_key, pick_heldout
+    from storage.parquet import iter_rows
+    from tests.conftest import artifact
+
+    dpo_dir = tmp_path / "dpo"
+    shutil.copytree(world["dpo"].path, dpo_dir)
+    cfg = grpo.Config(prompts_per_step=4, group_size=2, max_new_tokens=4, max_steps=1, eval_per_task=3, eval_new_tokens=5)
+    val = pick_heldout(iter_rows(world["prompts"].path), 3)
+    fake = {"acc/say": 0.123, "acc": 0.123}
+    (dpo_dir / "meta.json").write_text(json.dumps({"heldout": {"key": heldout_key(val, 5), "acc": fake, "sft_acc": fake}}))
+    inputs = {**world, "dpo": artifact("dpo", dpo_dir)}
+    m = grpo.run(cfg, inputs, make_ctx(tmp_path / "a")).metrics
+    assert m["start_acc/say"] == m["sft_acc/say"] == 0.123  # read, not measured
+    other = grpo.run(grpo.Config(**{**cfg.__dict__, "eval_new_tokens": 6}), inputs, make_ctx(tmp_path / "b")).metrics
+    assert other["start_acc/say"] != 0.123  # another answer length: measured
