@@ -189,13 +189,16 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     train_ids = [prompt_ids(tok, r["prompt"]) for r in train]
     order = BatchOrder(len(train), cfg.prompts_per_step, ctx.seed)
     key = heldout_key(val, cfg.eval_new_tokens)
-    recorded = recorded_eval(src_dir / "meta.json", key)  # the DPO stage scored both models on these prompts
-    if recorded is not None or not val:
-        start_acc, sft_acc = (recorded["acc"], recorded["sft_acc"]) if recorded else ({}, {})
-    else:
-        start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens)
-        sft_acc = evaluate_prompts(GPT.from_pretrained(inputs["sft"].path, device=device).eval(), tok, val,
-                                   cfg.eval_new_tokens)
+    start_acc: dict[str, float] = {}
+    sft_acc: dict[str, float] = {}
+    if val:
+        recorded = recorded_eval(src_dir / "meta.json", key)  # the DPO stage scored both models on these prompts
+        if recorded is not None:
+            start_acc, sft_acc = recorded["acc"], recorded["sft_acc"]
+        else:
+            start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens)
+            sft_acc = evaluate_prompts(GPT.from_pretrained(inputs["sft"].path, device=device).eval(), tok, val,
+                                       cfg.eval_new_tokens)
     derived = {"train_prompts": len(train), "val_prompts": len(val), "samples_per_step": cfg.prompts_per_step * cfg.group_size,
                "epochs_planned": cfg.max_steps * cfg.prompts_per_step / len(train)}
     log.info("grpo: %s; start held-out accuracy %s", json.dumps(derived), json.dumps(start_acc))

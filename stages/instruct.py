@@ -360,7 +360,7 @@ def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True) -> 
 
     reply, result = solve(None)
     rejected, wrong = solve(rng)
-    if wrong < 0 or wrong == result:
+    if result < 0 or wrong == result:  # a result below zero: no such problem
         return None
     return Item("wordprob", question, reply, rejected, str(result), "numeric")
 
