@@ -6,7 +6,7 @@ The stages score ~100 held-out prompts per task, so one task's accuracy moves by
 from run to run, and "DPO stays within 2 points of SFT" cannot be judged from them alone. This
 bench draws N new problems per generated task (arith, count, string, wordprob) from the same
 generators and settings the home's instruct stage used (its config.json), drops every question the
-instruct stage already wrote (train or val), and decodes them greedily with the home's sft, dpo and
+instruct stage already wrote (chat and prompts, train or val), and decodes them greedily with the home's sft, dpo and
 grpo models (whichever are built) exactly as the stages evaluate. count and string use the words of
 the instruct stage's own string questions. Prints a table and, last, one JSON object:
 {task: {model: accuracy, ..., "n": N, "ci95": half-width of a 95% interval for one accuracy}}.
@@ -40,7 +40,7 @@ def fresh_items(cfg: dict, seen: set[str], words: list[str], n: int) -> dict[str
     """n new items per generated task, none of whose questions the instruct stage wrote."""
     makers = {
         "arith": lambda r: instruct.arith_item(r, cfg["arith_max"], cfg["arith_ops"], cfg["worked"]),
-        "count": lambda r: instruct.count_item(r, words, cfg["letters_apart"]),
+        "count": lambda r: instruct.count_item(r, words, cfg["letters_apart"], cfg["worked"]),
         "string": lambda r: instruct.string_item(r, words, cfg["letters_apart"]),
         "wordprob": lambda r: instruct.wordprob_item(r, cfg["arith_ops"], cfg["worked"]),
     }
@@ -65,7 +65,8 @@ def main() -> None:
     words = sorted({m.replace(" ", "") if cfg["letters_apart"] else m
                     for q in questions if q.startswith(("Reverse the letters", "Write \"", "What is the first", "What is the last"))
                     for m in re.findall(r'"([^"]+)"', q)[:1]})
-    items = fresh_items(cfg, set(questions), words or list(instruct.FALLBACK_WORDS), args.per_task)
+    written = set(questions) | {r["prompt"][0]["content"] for r in iter_rows(inst.parent / "prompts")}  # + RL problems
+    items = fresh_items(cfg, written, words or list(instruct.FALLBACK_WORDS), args.per_task)
 
     result: dict[str, dict[str, float]] = {}
     for model_name in MODELS:

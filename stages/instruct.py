@@ -8,6 +8,14 @@ What: from `docs_clean` and a seeded generator, writes three Parquet datasets, e
 - `prompts` (id, prompt, answer, verifier, task, source, split): prompts with a reference answer and
   the name of the check in stages/chat/verifiers.py that grades a completion (GRPO, evaluation).
 
+RL prompts: with `rl_per_task` > 0, each generated task (arith, count, string, wordprob) also draws
+that many further problems that go to `prompts` only, and the train prompts of that task are just
+these (docqa and user prompts keep theirs). GRPO then practises on problems SFT never saw, as a lab
+keeps its RL prompt set apart from its SFT data: on problems SFT trained on for several epochs, more
+groups get the same reward for every sample, and such a group teaches nothing. RL problems whose hash
+falls in the held-out share become val prompts, which enlarges the held-out sets every chat stage is
+scored on.
+
 Tasks (each item gives one chat row, one prefs row, and a prompts row when its answer is exact):
 - docqa: closed-book questions about the modules, functions and classes the corpus documents,
   answered from that documentation (stages/chat/docqa.py): "What does json.dumps do?" -> the first
@@ -19,7 +27,12 @@ Tasks (each item gives one chat row, one prefs row, and a prompts row when its a
   model learns from a few thousand examples, where the bare "105" asks it to carry in its head
   (Nye et al. 2021, "Show your work: scratchpads"; Lee et al. 2023, "Teaching arithmetic to small
   transformers"). worked=false answers "47 + 58 = 105".
-- count: letters in a word, words in a phrase -> "3" (numeric).
+- count: letters in a word, words in a phrase -> "3" (numeric). With `worked`, a letter count first
+  walks through the word keeping a tally, each letter beside the one asked about:
+  'How many times does the letter "u" appear in "n u l l"?' -> "n u 0, u u 1, l u 1, l u 1. 1"
+  (one comparison of neighbouring tokens and one increment per step, where a bare "1" asks the
+  model to count in its head). Walking through the letters in order also trains the copying the
+  string tasks need.
 - string: reverse, uppercase, first/last letter of a word -> "n o h t y p" (exact; uppercase exact_case).
   With `letters_apart` (count and string) the word is written "p y t h o n": a BPE token hides its
   letters, and a 4k-vocabulary model cannot learn the spelling of thousands of tokens in minutes, so
@@ -89,9 +102,10 @@ class Config:
     n_wordprob: int = 1000
     arith_max: int = 999  # operands are drawn from 10..arith_max
     arith_ops: str = "+-*"  # the operators arith and word-problem questions use
-    worked: bool = True  # arithmetic replies work the sum out column by column before the answer
+    worked: bool = True  # arithmetic and counting replies work the answer out step by step before stating it
     letters_apart: bool = True  # count and string questions write the word's letters apart: "p y t h o n"
     max_docqa: int = 4000  # docqa items at most (0: none); a seeded sample when the corpus gives more
+    rl_per_task: int = 1000  # further problems per generated task, written to `prompts` only (GRPO's train set)
     heldout_frac: float = 0.1  # share of prompts held out as "val"
     seed: int = 0
     # user datasets, "path" or "path::format" (formats: stages/chat/importers.py)
@@ -102,7 +116,7 @@ class Config:
     max_skips: int = 100  # per file, with on_error="skip"
 
     def validate(self) -> None:
-        for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "max_skips"):
+        for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "rl_per_task", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.arith_max < 10 or not self.arith_ops or set(self.arith_ops) - set("+-*"):
@@ -273,18 +287,38 @@ def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*", wor
     return Item("arith", f"What is {a} {op} {b}?", reply, rejected, str(result), "numeric")
 
 
-def count_item(rng: random.Random, words: list[str], apart: bool = True) -> Item:
+def count_work(word: str, letter: str) -> str:
+    """A letter count written out as a running tally: each letter of the word next to the letter
+    asked about, then the number of matches so far ("n u 0, u u 1, l u 1, l u 1" for "u" in "null").
+    Writing the two letters side by side makes each step a comparison of neighbouring tokens; with
+    the sought letter only in the question ("n 0, u 1, ...") a 1.3M-parameter model copied the letters
+    but never counted (every tally 0)."""
+    tally, steps = 0, []
+    for c in word:
+        tally += c == letter
+        steps.append(f"{c} {letter} {tally}")
+    return ", ".join(steps)
+
+
+def count_item(rng: random.Random, words: list[str], apart: bool = True, worked: bool = True) -> Item:
+    """How often a letter is in a word, or how many words a phrase has. With `worked`, a letter count
+    walks through the word keeping a tally before it states the count (count_work; the rejected reply:
+    the same walk, a near-miss count). Words in a phrase are counted bare: copying each multi-token
+    word to number it went wrong far more often than the count itself."""
     if rng.random() < 0.5:
         word = rng.choice(words)
         # mostly a letter of the word; sometimes one it lacks (answer 0)
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         question = f'How many times does the letter "{letter}" appear in "{letters(word, apart)}"?'
-        count = word.count(letter)
+        count, steps = word.count(letter), count_work(word, letter) if worked else ""
     else:
         phrase = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
         question = f'How many words are in "{phrase}"?'
-        count = len(phrase.split())
-    return Item("count", question, str(count), str(near_miss(count, rng, low=0)), str(count), "numeric")
+        count, steps = len(phrase.split()), ""
+    wrong = near_miss(count, rng, low=0)
+    if not steps:
+        return Item("count", question, str(count), str(wrong), str(count), "numeric")
+    return Item("count", question, f"{steps}. {count}", f"{steps}. {wrong}", str(count), "numeric")
 
 
 def string_item(rng: random.Random, words: list[str], apart: bool = True) -> Item | None:
@@ -395,22 +429,28 @@ def vocabulary(counts: Counter, n: int = 3000) -> list[str]:
     return words if len(words) >= 50 else list(FALLBACK_WORDS)
 
 
-def generate(cfg: Config, entries: list[Entry], words: list[str]) -> list[Item]:
-    """Every generated item, docqa first; each task has its own seeded generator, so changing one
-    task's count leaves the others' items as they were."""
+def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[Item], list[Item]]:
+    """Every generated item, docqa first, and the RL problems (rl_per_task per generated task). Each task
+    has its own seeded generator, so changing one task's count leaves the others' items as they were;
+    a task's RL problems are drawn after its items from the same generator, so they never repeat one."""
     def rng(task: str) -> random.Random:
         return random.Random(f"{cfg.seed}:{task}")
 
     docqa = docqa_items(entries, rng("docqa"))
     if len(docqa) > cfg.max_docqa:
         docqa = rng("docqa-sample").sample(docqa, cfg.max_docqa)
-    return (
-        docqa
-        + unique_items(lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked), cfg.n_arith, rng("arith"))
-        + unique_items(lambda r: count_item(r, words, cfg.letters_apart), cfg.n_count, rng("count"))
-        + unique_items(lambda r: string_item(r, words, cfg.letters_apart), cfg.n_string, rng("string"))
-        + unique_items(lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked), cfg.n_wordprob, rng("wordprob"))
-    )
+    makers: list[tuple[str, int, Callable[[random.Random], Item | None]]] = [
+        ("arith", cfg.n_arith, lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked)),
+        ("count", cfg.n_count, lambda r: count_item(r, words, cfg.letters_apart, cfg.worked)),
+        ("string", cfg.n_string, lambda r: string_item(r, words, cfg.letters_apart)),
+        ("wordprob", cfg.n_wordprob, lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked)),
+    ]
+    items, rl = list(docqa), []
+    for task, n, make in makers:
+        drawn = unique_items(make, n + (cfg.rl_per_task if n else 0), rng(task))
+        items += drawn[:n]
+        rl += drawn[n:]
+    return items, rl
 
 
 def item_rows(item: Item) -> dict[str, list[dict[str, Any]]]:
@@ -473,11 +513,14 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     user_rows, import_stats = import_user_files(cfg)
 
     entries, words, n_docs = read_entries(inputs["docs_clean"].path, ctx)
-    items = generate(cfg, entries, words)
+    items, rl_items = generate(cfg, entries, words)
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     for item in items:
         for kind, kind_rows in item_rows(item).items():
             rows[kind].extend(kind_rows)
+    sft_prompt_ids = {r["id"] for r in rows["prompts"]}
+    for item in rl_items:
+        rows["prompts"].extend(item_rows(item)["prompts"])
     for kind in KINDS:
         rows[kind].extend(user_rows[kind])
     if not rows["chat"]:
@@ -491,6 +534,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         duplicates += len(rows[kind]) - len(unique)
         rows[kind] = list(unique.values())
     moved = assign_splits(rows, cfg.heldout_frac)
+    rl_tasks = {it.task for it in rl_items}  # their train prompts are the RL problems; SFT items' stay as held-out ones
+    rows["prompts"] = [r for r in rows["prompts"]
+                       if r["split"] == "val" or r["task"] not in rl_tasks or r["id"] not in sft_prompt_ids]
 
     for kind in KINDS:
         with ShardWriter(ctx.output(kind), kind) as writer:
@@ -510,7 +556,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     for t, c in per_task.items():
         metrics[f"task_{t}"] = float(c["chat_train"] + c["chat_val"])
     metrics.update(docs=float(n_docs), docqa_entries=float(len(entries)), vocabulary=float(len(words)),
-                   duplicates=float(duplicates), moved_to_train=float(moved),
+                   duplicates=float(duplicates), moved_to_train=float(moved), rl_problems=float(len(rl_items)),
                    import_skipped=float(sum(s["skipped"] for s in import_stats)))
     ctx.tracker.log_metrics(metrics)
 
@@ -518,7 +564,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         "### instruct",
         f"chat {metrics['chat_train']:.0f} train / {metrics['chat_val']:.0f} val, prefs {metrics['prefs_train']:.0f} / "
         f"{metrics['prefs_val']:.0f}, prompts {metrics['prompts_train']:.0f} / {metrics['prompts_val']:.0f}; "
-        f"{len(entries)} docqa entries from {n_docs} docs; {duplicates} duplicates dropped, {moved} rows moved to train",
+        f"{len(entries)} docqa entries from {n_docs} docs; {len(rl_items)} RL problems (prompts only); "
+        f"{duplicates} duplicates dropped, {moved} rows moved to train",
         "",
         "| task | chat train | chat val | prefs train | prefs val | prompts train | prompts val |",
         "|---|---|---|---|---|---|---|",

@@ -81,6 +81,8 @@ PROMPTS = pa.schema(
         ("verifier", pa.string()),
         ("task", pa.string()),
         ("source", pa.string()),
+        # "train": what GRPO practises on (for generated tasks: RL problems not in `chat`, stages/instruct.py);
+        # "val": the held-out prompts every chat stage is scored on
         ("split", pa.string()),
     ]
 )

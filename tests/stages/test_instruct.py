@@ -24,7 +24,7 @@ from stages.contract import StageError
 from storage.parquet import read_table, write_table
 from tests.conftest import artifact, make_ctx
 
-SMALL = dict(n_arith=200, n_count=100, n_string=100, n_wordprob=100, max_docqa=500, heldout_frac=0.2)
+SMALL = dict(n_arith=200, n_count=100, n_string=100, n_wordprob=100, max_docqa=500, heldout_frac=0.2, rl_per_task=0)
 
 
 def plain_text(name: str) -> str:
@@ -115,7 +115,7 @@ def test_generated_answers_are_right():
     for it in instruct.unique_items(lambda r: instruct.string_item(r, ["python"], apart=False), 10, rng):
         assert it.answer in {"nohtyp", "PYTHON", "p", "n"}
     for apart in (True, False):
-        for it in instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana"], apart), 20, rng):
+        for it in instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana"], apart, worked=False), 20, rng):
             quoted = re.findall(r'"([^"]*)"', it.question)
             if it.question.startswith("How many times"):
                 assert (" " in quoted[1]) == apart
@@ -123,6 +123,25 @@ def test_generated_answers_are_right():
             else:
                 expected = len(quoted[0].split())
             assert it.answer == str(expected), it.question
+
+
+def test_worked_counting_keeps_a_true_tally():
+    assert instruct.count_work("null", "u") == "n u 0, u u 1, l u 1, l u 1"
+    rng = random.Random(2)
+    items = instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana", "strawberry"]), 100, rng)
+    for it in items:
+        quoted = re.findall(r'"([^"]*)"', it.question)
+        if not it.question.startswith("How many times"):  # words in a phrase: counted bare
+            assert it.reply == it.answer == str(len(quoted[0].split()))
+            continue
+        letter, word = quoted[0], quoted[1].replace(" ", "")
+        work, result = it.reply.rsplit(". ", 1)
+        assert result == it.answer and it.rejected.rsplit(". ", 1)[0] == work  # rejected: same walk, another count
+        steps = [step.split(" ") for step in work.split(", ")]
+        assert [c for c, _, _ in steps] == list(word) and {t for _, t, _ in steps} == {letter}  # every letter, in order
+        tallies = [int(n) for _, _, n in steps]
+        assert tallies == [word[:i + 1].count(letter) for i in range(len(word))] and tallies[-1] == int(it.answer)
+    assert {it.question.startswith("How many times") for it in items} == {True, False}
 
 
 def check_column_work(text: str, a: int, op: str, b: int) -> int:
@@ -299,6 +318,32 @@ def test_stage_is_deterministic_and_held_out_prompts_do_not_depend_on_seed(tmp_p
     split_a = {r["messages"][0]["content"]: r["split"] for r in a["chat"]}
     shared = [r for r in c["chat"] if r["messages"][0]["content"] in split_a]
     assert shared and all(split_a[r["messages"][0]["content"]] == r["split"] for r in shared)
+
+
+def test_rl_problems_are_new_and_are_the_only_train_prompts(tmp_path, corpus):
+    result, rows = run_stage(tmp_path / "rl", corpus, rl_per_task=50)
+    _, plain = run_stage(tmp_path / "plain", corpus)
+    assert rows["chat"] == plain["chat"] and rows["prefs"] == plain["prefs"]  # SFT and DPO data unchanged
+    chat_questions = {r["messages"][0]["content"] for r in rows["chat"]}
+    train = [r for r in rows["prompts"] if r["split"] == "train"]
+    val = [r for r in rows["prompts"] if r["split"] == "val"]
+    # GRPO practises on problems SFT never saw: 50 per generated task, less those held out
+    docqa = [r for r in train if r["task"] == "docqa"]  # no generator: keeps its train prompts
+    assert docqa == [r for r in plain["prompts"] if r["split"] == "train" and r["task"] == "docqa"] and docqa
+    train = [r for r in train if r["task"] != "docqa"]
+    assert train and not {r["prompt"][0]["content"] for r in train} & chat_questions
+    assert {r["task"] for r in train} == {"arith", "count", "string", "wordprob"}
+    assert result.metrics["rl_problems"] == 200 and 150 < len(train) < 200
+    # the held-out prompts of the SFT items are all still there, with the RL problems that hashed to val
+    plain_val = [r for r in plain["prompts"] if r["split"] == "val"]
+    assert {r["id"] for r in plain_val} < {r["id"] for r in val}
+    assert len(val) - len(plain_val) == 200 - len(train)
+    for r in train + val:
+        assert r["verifier"] in ("numeric", "exact", "exact_case") and r["answer"]
+    for r in train:
+        if r["task"] == "arith":  # "What is 47 + 58?" -> "105"
+            a, op, b = r["prompt"][0]["content"].removeprefix("What is ").removesuffix("?").split()
+            assert int(r["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b) if op == "-" else int(a) * int(b))
 
 
 def test_user_files_are_appended_and_split(tmp_path, corpus, shared_data):
