@@ -27,6 +27,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import time
 import types
@@ -37,6 +38,8 @@ from typing import Any, Protocol
 
 from storage.artifacts import Artifact
 from storage.tracking import NullTracker, Tracker, tracker_from_env
+
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 3e-5, 1E4: numbers YAML 1.1 leaves as strings
 
 
 class StageError(Exception):
@@ -199,6 +202,8 @@ def check_type(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

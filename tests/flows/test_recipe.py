@@ -22,6 +22,10 @@ def test_toy_recipe_order_and_graph():
 def test_override_is_typed_and_applied():
     r = load_recipe(TOY, ["square.power=3", "total.scale=2"])
     assert r.stages["square"].config.power == 3 and r.stages["total"].config.scale == 2.0
+    # YAML 1.1 reads 3e-5 (no dot) as a string; a float field takes it as the number it is
+    assert load_recipe(TOY, ["total.scale=3e-5"]).stages["total"].config.scale == 3e-5
+    with pytest.raises(ConfigError, match="--set total.scale: expected a number, got 'e-5'"):
+        load_recipe(TOY, ["total.scale=e-5"])
 
 
 @pytest.mark.parametrize(
