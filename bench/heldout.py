@@ -36,16 +36,10 @@ def latest(home: Path, stage: str, output: str) -> Path | None:
     return found[-1] if found else None
 
 
-def fresh_items(cfg: dict, seen: set[str], words: list[str], n: int) -> dict[str, list[instruct.Item]]:
+def fresh_items(cfg: instruct.Config, seen: set[str], words: list[str], n: int) -> dict[str, list[instruct.Item]]:
     """n new items per generated task, none of whose questions the instruct stage wrote."""
-    makers = {
-        "arith": lambda r: instruct.arith_item(r, cfg["arith_max"], cfg["arith_ops"], cfg["worked"]),
-        "count": lambda r: instruct.count_item(r, words, cfg["letters_apart"], cfg["worked"]),
-        "string": lambda r: instruct.string_item(r, words, cfg["letters_apart"]),
-        "wordprob": lambda r: instruct.wordprob_item(r, cfg["arith_ops"], cfg["worked"]),
-    }
     out = {}
-    for task, make in makers.items():
+    for task, make in instruct.task_makers(cfg, words).items():
         items = instruct.unique_items(make, 4 * n, random.Random(f"bench.heldout:{task}"))
         out[task] = [it for it in items if it.question not in seen][:n]
     return out
@@ -60,9 +54,10 @@ def main() -> None:
     inst = latest(home, "instruct", "chat")
     if inst is None:
         raise SystemExit(f"bench.heldout: no instruct artifact in {home}; run `family run --until sft` first")
-    cfg = {**vars(instruct.Config()), **json.loads((inst.parent / "config.json").read_text())["config"]}
+    recorded = json.loads((inst.parent / "config.json").read_text())["config"]
+    cfg = instruct.Config(**{k: v for k, v in recorded.items() if k in instruct.Config.__dataclass_fields__})
     questions = [r["messages"][0]["content"] for r in iter_rows(inst)]
-    words = sorted({m.replace(" ", "") if cfg["letters_apart"] else m
+    words = sorted({m.replace(" ", "") if cfg.letters_apart else m
                     for q in questions if q.startswith(("Reverse the letters", "Write \"", "What is the first", "What is the last"))
                     for m in re.findall(r'"([^"]+)"', q)[:1]})
     written = set(questions) | {r["prompt"][0]["content"] for r in iter_rows(inst.parent / "prompts")}  # + RL problems

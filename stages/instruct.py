@@ -429,6 +429,16 @@ def vocabulary(counts: Counter, n: int = 3000) -> list[str]:
     return words if len(words) >= 50 else list(FALLBACK_WORDS)
 
 
+def task_makers(cfg: Config, words: list[str]) -> dict[str, Callable[[random.Random], Item | None]]:
+    """One item maker per generated task, set up as the config says (also used by bench.heldout)."""
+    return {
+        "arith": lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked),
+        "count": lambda r: count_item(r, words, cfg.letters_apart, cfg.worked),
+        "string": lambda r: string_item(r, words, cfg.letters_apart),
+        "wordprob": lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked),
+    }
+
+
 def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[Item], list[Item]]:
     """Every generated item, docqa first, and the RL problems (rl_per_task per generated task). Each task
     has its own seeded generator, so changing one task's count leaves the others' items as they were;
@@ -439,14 +449,10 @@ def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[
     docqa = docqa_items(entries, rng("docqa"))
     if len(docqa) > cfg.max_docqa:
         docqa = rng("docqa-sample").sample(docqa, cfg.max_docqa)
-    makers: list[tuple[str, int, Callable[[random.Random], Item | None]]] = [
-        ("arith", cfg.n_arith, lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked)),
-        ("count", cfg.n_count, lambda r: count_item(r, words, cfg.letters_apart, cfg.worked)),
-        ("string", cfg.n_string, lambda r: string_item(r, words, cfg.letters_apart)),
-        ("wordprob", cfg.n_wordprob, lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked)),
-    ]
+    counts = {"arith": cfg.n_arith, "count": cfg.n_count, "string": cfg.n_string, "wordprob": cfg.n_wordprob}
     items, rl = list(docqa), []
-    for task, n, make in makers:
+    for task, make in task_makers(cfg, words).items():
+        n = counts[task]
         drawn = unique_items(make, n + (cfg.rl_per_task if n else 0), rng(task))
         items += drawn[:n]
         rl += drawn[n:]
