@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from stages.contract import ConfigError, check_type, build_config, config_to_json
+from stages.contract import ConfigError, build_config, check_type, config_to_json, stage_inputs
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register", "extends"}
@@ -220,7 +220,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
             build_config_field(module.Config, fld, value, where)
         cfg = build_config(module.Config, values, f"{path.name}: stages.{stage}")
         nproc = int((launch.get(stage) or {}).get("nproc", 1))
-        specs[stage] = StageSpec(stage, module_name, module, cfg, tuple(module.INPUTS), tuple(module.OUTPUTS), nproc)
+        specs[stage] = StageSpec(stage, module_name, module, cfg, stage_inputs(module, cfg), tuple(module.OUTPUTS), nproc)
 
     producers: dict[str, str] = {}
     for spec in specs.values():

@@ -8,7 +8,9 @@ A stage module exports
 
 and optionally `INPUT_FILES`, the names of Config fields that hold paths of user files (a recipe's
 WARC files, word lists, datasets): their content goes into the stage's fingerprint, so editing such
-a file rebuilds the stage, `NETWORK = True` (retried on network errors) and `GPU = True`.
+a file rebuilds the stage, `NETWORK = True` (retried on network errors), `GPU = True`, and
+`inputs(cfg)`, the inputs this config uses (a subset of INPUTS) when some are needed only by some
+configs: the DAG then leaves the others out, so rebuilding them does not rebuild this stage.
 
 `run` reads only its inputs' paths, writes only under `ctx.run_dir` (one file or directory per
 output name), logs only through `ctx.tracker`, and reports progress through `ctx.progress`. It may
@@ -260,6 +262,15 @@ def check_result(module: types.ModuleType, result: StageResult, run_dir: Path) -
             raise RuntimeError(f"{module.__name__}.run declared output {name!r} but {run_dir / name} does not exist")
 
 
+def stage_inputs(module: types.ModuleType, cfg: Any) -> tuple[str, ...]:
+    """The inputs a stage reads under `cfg`: module.inputs(cfg) where the module defines it, else INPUTS."""
+    chosen = tuple(module.inputs(cfg)) if hasattr(module, "inputs") else tuple(module.INPUTS)
+    unknown = set(chosen) - set(module.INPUTS)
+    if unknown:
+        raise ConfigError(f"{module.__name__}.inputs() names {sorted(unknown)}, which are not in INPUTS")
+    return chosen
+
+
 def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
     """`python -m stages.<name> --config c.json --inputs i.json --run-dir DIR`."""
     spec = getattr(module, "__spec__", None)  # under `python -m`, __name__ is "__main__"
@@ -270,7 +281,7 @@ def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
         epilog="inputs.json maps each input name to a path or to an artifact object {kind, path, fingerprint, meta}.",
     )
     p.add_argument("--config", help="JSON file with Config fields (defaults for the rest)")
-    p.add_argument("--inputs", help=f"JSON file mapping {list(module.INPUTS)} to paths")
+    p.add_argument("--inputs", help=f"JSON file mapping {list(module.INPUTS)} (those the config uses) to paths")
     p.add_argument("--run-dir", required=True, help="directory to write the outputs into")
     p.add_argument("--checkpoint-dir", help="where checkpoints go (default: RUN_DIR.ckpt, next to RUN_DIR)")
     p.add_argument("--state-dir", help="persistent state (default: RUN_DIR.state, next to RUN_DIR)")
@@ -287,7 +298,7 @@ def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
             k: Artifact.from_json(v) if isinstance(v, dict) else Artifact(k, str(Path(v).resolve()), "", {})
             for k, v in raw_inputs.items()
         }
-        missing = [i for i in module.INPUTS if i not in inputs]
+        missing = [i for i in stage_inputs(module, cfg) if i not in inputs]
         if missing:
             raise ConfigError(f"stages.{name}: missing inputs {missing} in {args.inputs}")
     except (ConfigError, OSError, json.JSONDecodeError) as e:

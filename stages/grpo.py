@@ -56,7 +56,7 @@ gen_seconds (sampling) and train_seconds (log-probs, loss, update).
 
 Run:
     python -m stages.grpo --config c.json --inputs i.json --run-dir DIR
-    with i.json = {"dpo": "DPO_DIR", "prompts": "PROMPTS_DIR", "reward_model": "RM_DIR", "sft": "SFT_DIR"}
+    with i.json = {"dpo": "DPO_DIR", "prompts": "PROMPTS_DIR", "sft": "SFT_DIR"} (+ "reward_model": "RM_DIR" when rm_weight > 0)
 """
 from __future__ import annotations
 
@@ -125,6 +125,12 @@ class Config:
             raise ValueError("temperature, lr and max_minutes must be > 0")
         if self.beta < 0 or self.clip_eps <= 0 or self.rm_weight < 0 or self.format_weight < 0 or self.eval_per_task < 0:
             raise ValueError("beta, rm_weight, format_weight, eval_per_task must be >= 0 and clip_eps > 0")
+
+
+def inputs(cfg: Config) -> tuple[str, ...]:
+    """The reward model is read only when its score is part of the reward (rm_weight > 0); otherwise
+    it is not an input, so retraining it does not rebuild GRPO."""
+    return INPUTS if cfg.rm_weight > 0 else tuple(i for i in INPUTS if i != "reward_model")
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:

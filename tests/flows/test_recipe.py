@@ -88,3 +88,11 @@ def test_extends_keeps_the_base_and_overrides_field_by_field(tmp_path):
 def test_built_in_recipes_are_valid(name):
     r = load_recipe(name)
     assert r.stages["pretrain"].config.d_model > 0 and "grpo" in r.stages
+
+
+def test_inputs_a_config_does_not_use_are_not_edges():
+    # GRPO reads the reward model only when its score is part of the reward
+    plain = load_recipe("tiny")
+    assert "reward_model" not in plain.stages["grpo"].inputs and "grpo" not in plain.downstream("reward")
+    with_rm = load_recipe("tiny", ["grpo.rm_weight=0.5"])
+    assert "reward_model" in with_rm.stages["grpo"].inputs and "grpo" in with_rm.downstream("reward")
