@@ -1,7 +1,8 @@
 """GRPO: reinforcement learning from verifiable rewards on the DPO model (the final chat model).
 
-What: reads `dpo` (model directory), `prompts` (prompts with reference answers and a verifier) and
-`reward_model`; samples G completions per train prompt, scores them, and updates the policy with Group
+What: reads `dpo` (model directory), `prompts` (prompts with reference answers and a verifier), `sft`
+(scored on the held-out prompts unless the DPO stage recorded it) and, only with rm_weight > 0,
+`reward_model` (see inputs()); samples G completions per train prompt, scores them, and updates the policy with Group
 Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", section 4.1). Writes `grpo`: a model
 directory (model.safetensors + config.json, tokenizer files, meta.json, hf/ export).
 
