@@ -134,6 +134,7 @@ def status_doc(args: argparse.Namespace) -> dict[str, Any]:
                 "why": p.why if p.action == "run" else "published, unchanged",
                 "path": str(pub.dir) if pub else None,
                 "metrics": {k: v for k, v in pub.result.get("metrics", {}).items()} if pub else {},
+                "warnings": list(pub.result.get("warnings", [])) if pub else [],
             }
         )
     return {"recipe": recipe.name, "home": str(home.root), "stages": stages}
@@ -156,6 +157,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:5] if isinstance(v, (int, float)) and k != "stage_seconds")
         tail = shown if s["state"] == "published" else s["why"]
         print(f"  {s['state']:<9}  {s['stage']:<{width}}  {s['fingerprint'] or 'pending':<16}  {tail}")
+        for w in s["warnings"]:
+            print(f"  {'':<9}  {'':<{width}}  WARNING {w}")
     return 0
 
 

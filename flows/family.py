@@ -161,6 +161,7 @@ def run_torchrun(launch: Launch, ctx: StageContext, tracker_run: str | None, tra
 
 def _summary_markdown(stage: str, plan: StagePlan, result: StageResult, published_dir: Path, seconds: float, mlflow_url: str | None) -> str:
     lines = [f"# {stage}", "", f"fingerprint `{plan.fingerprint}`, built in {seconds:.1f} s", ""]
+    lines += [f"> **Warning:** {w}" for w in result.warnings] + ([""] if result.warnings else [])
     if result.summary:
         lines += [result.summary, ""]
     if result.metrics:
@@ -280,6 +281,8 @@ def stage_task(
                 create_table_artifact(rows, key=artifact_key(flow_key, stage, name), description=f"{stage}: {name}")
         if lineage is not None:
             tracker.log_metrics({k: v for k, v in result.metrics.items() if isinstance(v, (int, float))})
+            if result.warnings:
+                tracker.set_tags({"warnings": " | ".join(result.warnings)[:500]})
             tracker.log_dict(pub.manifest, "manifest.json")
             for out, member in recipe.register.items():
                 if out in result.outputs:
@@ -292,8 +295,11 @@ def stage_task(
             if result.summary:
                 tracker.log_text(md, "summary.md")
             lineage.end(tracker.run_id)
+        for w in result.warnings:
+            logger.warning("%s: %s", stage, w)
         logger.info("%s published at %s in %.1f s", stage, pub.dir, seconds)
-        return {"stage": stage, "status": "built", "seconds": seconds, "outputs": {k: a.to_json() for k, a in pub.artifacts().items()}, "metrics": result.metrics}
+        return {"stage": stage, "status": "built", "seconds": seconds, "outputs": {k: a.to_json() for k, a in pub.artifacts().items()},
+                "metrics": result.metrics, "warnings": result.warnings}
 
 
 # -- the flow ------------------------------------------------------------------------------------
@@ -411,6 +417,8 @@ def family_flow(
             }  # fmt: skip
             shown = ", ".join(f"{k}={v:.4g}" for k, v in list(res["metrics"].items())[:6] if isinstance(v, (int, float)))
             _echo(f"  + {name:<10} built in {res.get('seconds', 0):.1f} s  {shown}")
+            for w in res.get("warnings", []):
+                _echo(f"  ! {name:<10} WARNING {w}")
     except BaseException:
         if lineage is not None:
             lineage.end(parent, "KILLED")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.gpt import GPT, GPTConfig
+from models.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "added_tokens.json", "vocab.json", "merges.txt")
@@ -107,18 +108,23 @@ def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> None
             shutil.copy2(Path(tokenizer_dir) / name, Path(out_dir) / name)
 
 
-def save_model_dir(model: torch.nn.Module, tokenizer_dir: str | Path, out_dir: str | Path, hf: bool = True) -> Path:
+def save_model_dir(model: torch.nn.Module, tokenizer_dir: str | Path, out_dir: str | Path, hf: bool = True,
+                   eos_token: str | None = None) -> Path:
     """A stage's model directory: the weights (`model.save_pretrained`), the tokenizer files of
-    tokenizer_dir and, for a GPT with hf=True, the HF Qwen3 export in hf/. A directory left by an
-    attempt that crashed while writing it is replaced."""
+    tokenizer_dir (rewritten with `eos_token` when given: <|im_end|> once a model is a chat model)
+    and, for a GPT with hf=True, the HF Qwen3 export in hf/. A directory left by an attempt that
+    crashed while writing it is replaced."""
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     model.save_pretrained(out)
-    copy_tokenizer_files(tokenizer_dir, out)
+    if eos_token is None:
+        copy_tokenizer_files(tokenizer_dir, out)
+    else:
+        Tokenizer.load(tokenizer_dir).save(out, eos_token=eos_token)
     if hf:
-        export_hf(model, tokenizer_dir, out / "hf")
+        export_hf(model, out, out / "hf")
     return out
 
 

@@ -140,12 +140,14 @@ class StageContext:
 
 @dataclass
 class StageResult:
-    """Pointers and numbers only: per-output meta, headline metrics, a short markdown summary."""
+    """Pointers and numbers only: per-output meta, headline metrics, a short markdown summary, and
+    warnings a user must see (a safety cap that ended training early: `family status` shows them)."""
 
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     summary: str = ""
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,6 +159,7 @@ class StageResult:
             metrics=d.get("metrics", {}),
             summary=d.get("summary", ""),
             tables=d.get("tables", {}),
+            warnings=d.get("warnings", []),
         )
 
 
@@ -336,6 +339,8 @@ def main(module: types.ModuleType, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         check_result(module, result, run_dir)
         (run_dir.parent / "result.json").write_text(json.dumps(result.to_json(), indent=2, default=str))
     return 0

@@ -38,18 +38,21 @@ import copy
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from models.gpt import GPT
 from models.hf_export import save_model_dir
-from stages.chat.evaluate import evaluate_prompts, heldout_key, pick_heldout
-from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, open_model_input, read_pairs, sequence_logps
+from stages.chat.evaluate import accuracy_table, evaluate_prompts, heldout_key, pick_heldout
+from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, read_pairs, sequence_logps
 from stages.contract import StageContext, StageError, StageResult, main
-from storage import checkpoints
+from stages.training import (
+    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    set_lr, setup_runtime, stopped_by, write_run_meta,
+)
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows
 
@@ -64,12 +67,20 @@ class Config:
     label_smoothing: float = 0.0
     rpo_alpha: float = 1.0  # weight of the NLL of the chosen response; 0 = plain DPO
     batch_size: int = 16  # pairs per step
+    # AdamW and the LR schedule (stages/training.py): linear warmup, then constant by default
     lr: float = 2e-4
-    warmup_steps: int = 10  # linear warmup, then constant
+    schedule: Literal["cosine", "wsd", "constant"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine and wsd only
+    decay_ratio: float = 0.2  # wsd only
+    warmup_steps: int = 10
     weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # budget: max_steps; max_minutes is a safety cap that stops early (still evaluating and saving) and says so
     max_steps: int = 150
-    max_minutes: float = 3.0  # wall-clock guard: stops early, still evaluates and saves
+    max_minutes: float = 15.0
     max_len: int = 0  # tokens per sequence; 0 = the model's max_seq_len; longer pairs are dropped
     log_every: int = 10
     eval_every: int = 50
@@ -84,8 +95,9 @@ class Config:
                      "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta <= 0 or self.lr <= 0 or self.max_minutes <= 0:
-            raise ValueError("beta, lr and max_minutes must be > 0")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        check_optim_config(self)
         if not 0.0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0 or self.max_len < 0 or self.eval_per_task < 0:
             raise ValueError("label_smoothing must be in [0, 0.5), rpo_alpha, max_len and eval_per_task >= 0")
 
@@ -150,11 +162,29 @@ def evaluate_pairs(policy: GPT, pairs: list[Pair], ref_c: torch.Tensor, ref_r: t
             **accuracy_by_task(pairs, correct, "pref_acc")}
 
 
+def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, ev: dict[str, float], acc: dict[str, float],
+              sft_acc: dict[str, float], curve: list[dict[str, Any]]) -> StageResult:
+    """Headline metrics (held-out preference accuracy; task accuracy beside the reference's), the
+    accuracy table and the summary."""
+    per_task = {k: v for k, v in ev.items() if k.startswith("pref_acc/")}
+    metrics = {"val_pref_acc": ev["pref_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
+               **{f"val_{k}": v for k, v in per_task.items()}, **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
+    table, md = accuracy_table({"sft_acc": sft_acc, "dpo_acc": acc})
+    summary = (
+        f"DPO: {step} of {cfg.max_steps} steps ({stop}), beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}; held-out preference "
+        f"accuracy {ev['pref_acc']:.3f} on {derived['val_pairs']} pairs (mean implicit-reward margin {ev['margin']:.3f})"
+        + "".join(f"; {k.removeprefix('pref_acc/')} {v:.3f}" for k, v in per_task.items()) + ".\n\n" + md
+    )
+    return StageResult(outputs={"dpo": {"val_pref_acc": ev["pref_acc"], "steps": step}}, metrics=metrics, summary=summary,
+                       tables={"eval_curve": curve, "heldout_accuracy": table},
+                       warnings=budget_warnings("dpo", stop, step, cfg.max_steps, cfg.max_minutes))
+
+
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
     log = ctx.logger
     # setup
-    device = torch.device(ctx.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    rt = setup_runtime(ctx, seed=False)
+    device, autocast = rt.device, rt.autocast
     sft_dir, tok, policy = open_model_input(inputs, "sft", "dpo", device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)  # the frozen reference = the SFT model
     max_len = cfg.max_len or policy.cfg.max_seq_len
@@ -178,42 +208,33 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # optimizer and resume
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    step, elapsed_s = 0, 0.0
-    resumed = checkpoints.resume(ctx.checkpoint_dir, policy, optimizer, map_location=str(device))
-    if resumed is not None:
-        found, meta = resumed
-        order.load_state_dict(meta["order"])
-        step, elapsed_s = meta["step"], meta["elapsed_s"]
-        log.info("dpo: resumed from %s at step %d", found, step)
+    optimizer = adamw(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    step, curve = 0, []
+    ck = resume(ctx, policy, optimizer, device)
+    if ck is not None:
+        order.load_state_dict(ck["order"])
+        step, curve = ck["step"], ck.get("curve", [])
 
-    def save_checkpoint() -> None:
-        checkpoints.save(ctx.checkpoint_dir, step, policy.state_dict(), optimizer.state_dict(),
-                         {"order": order.state_dict(), "elapsed_s": elapsed_s, "config": asdict(cfg)},
-                         keep=cfg.keep_checkpoints)
+    def ck_meta() -> dict[str, Any]:
+        return {"order": order.state_dict(), "elapsed_s": clock.seconds, "curve": curve, "config": asdict(cfg)}
 
     # the loop: evaluate, stop or take one step, checkpoint
-    curve: list[dict[str, float]] = []
+    clock = Clock(ck["elapsed_s"] if ck else 0.0)
     ev: dict[str, float] = {}
     sums: dict[str, float] = {}
-    n_log = 0
-    stopped_by = "max_steps"
-    t_start, elapsed_start = time.perf_counter(), elapsed_s
+    n_log, run_pairs = 0, 0
     while True:
-        elapsed_s = elapsed_start + time.perf_counter() - t_start
-        out_of_time = elapsed_s > 60 * cfg.max_minutes
-        last = step >= cfg.max_steps or out_of_time
+        last = step >= cfg.max_steps or clock.over(cfg.max_minutes)
         if step % cfg.eval_every == 0 or last:
-            ev = evaluate_pairs(policy, val, val_ref_c, val_ref_r, cfg, tok.pad_id, device, autocast)
-            ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
-            curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+            with clock.paused():
+                ev = evaluate_pairs(policy, val, val_ref_c, val_ref_r, cfg, tok.pad_id, device, autocast)
+                ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
+                curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
         if last:
-            stopped_by = "max_minutes" if step < cfg.max_steps else stopped_by
             break
 
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                                      cfg.decay_ratio))
         batch = [train[i] for i in order.next()]
         with torch.no_grad(), autocast:
             ref_c, ref_r, _ = pair_logps(ref, batch, tok.pad_id, device)
@@ -223,10 +244,11 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         nll = -pc.float().sum() / n_chosen.sum().clamp(min=1)  # mean NLL per chosen response token
         loss = losses.mean() + cfg.rpo_alpha * nll
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        run_pairs += len(batch)
         stats = {"loss": loss.item(), "dpo_loss": losses.mean().item(), "nll": nll.item(),
                  "rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
                  "rewards/margins": (rc - rr).mean().item(), "rewards/accuracies": (rc > rr).float().mean().item(),
@@ -235,37 +257,23 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             sums[k] = sums.get(k, 0.0) + v
         n_log += 1
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            metrics = {k: v / n_log for k, v in sums.items()} | {"lr": lr, "grad_norm": grad_norm.item()}
+            metrics = {f"train/{k}": v / n_log for k, v in sums.items()} | {
+                "train/lr": lr, "train/grad_norm": grad_norm.item(), "train/samples_per_s": clock.lap(2 * n_log * cfg.batch_size)}
             ctx.tracker.log_metrics(metrics, step=step)
-            ctx.progress(step, cfg.max_steps, "dpo", loss=metrics["loss"], margin=metrics["rewards/margins"])
+            ctx.progress(step, cfg.max_steps, "dpo", loss=metrics["train/loss"], margin=metrics["train/rewards/margins"])
             sums, n_log = {}, 0
-        if step % cfg.ckpt_every == 0:
-            elapsed_s = elapsed_start + time.perf_counter() - t_start
-            save_checkpoint()
+        checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
 
     # save: a final checkpoint, the held-out accuracy, then the artifact
-    if step % cfg.ckpt_every != 0:
-        save_checkpoint()
+    checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
     acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
+    stop = stopped_by(step, cfg.max_steps)
+    derived["samples_per_s"] = clock.rate(2 * run_pairs)
+    result = summarize(cfg, derived, step, stop, ev, acc, sft_acc, curve)
     out = save_model_dir(policy, sft_dir, ctx.output("dpo"))
-    metrics = {"val_pref_acc": ev["pref_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
-               **{f"val_{k}": v for k, v in ev.items() if k.startswith("pref_acc/")},
-               **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
-    meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
-            "heldout": {"key": heldout_key(prompts, cfg.max_new_tokens), "acc": acc, "sft_acc": sft_acc},
-            "config": asdict(cfg), "curve": curve}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    tasks = sorted(k.removeprefix("acc/") for k in acc if k.startswith("acc/"))
-    rows = [{"task": t, "sft_acc": sft_acc[f"acc/{t}"], "dpo_acc": acc[f"acc/{t}"]} for t in tasks]
-    summary = (
-        f"DPO: {step} steps ({stopped_by}), beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}; held-out preference accuracy "
-        f"{ev['pref_acc']:.3f} on {len(val)} pairs (mean implicit-reward margin {ev['margin']:.3f})"
-        + "".join(f"; {k.removeprefix('pref_acc/')} {v:.3f}" for k, v in ev.items() if k.startswith("pref_acc/")) + ".\n\n"
-        + ("| task | SFT acc | DPO acc |\n|---|---|---|\n" + "".join(
-            f"| {r['task']} | {r['sft_acc']:.3f} | {r['dpo_acc']:.3f} |\n" for r in rows) if rows else "")
-    )
-    return StageResult(outputs={"dpo": {"val_pref_acc": ev["pref_acc"], "steps": step}}, metrics=metrics,
-                       summary=summary, tables={"eval_curve": curve, "heldout_accuracy": rows})
+    write_run_meta(out, "dpo", step, cfg.max_steps, stop, clock, result.metrics, derived, cfg, curve,
+                   heldout={"key": heldout_key(prompts, cfg.max_new_tokens), "acc": acc, "sft_acc": sft_acc})
+    return result
 
 
 if __name__ == "__main__":

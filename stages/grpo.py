@@ -64,11 +64,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -77,11 +76,14 @@ from models.gpt import GPT
 from models.heads import RewardModel, score_batch
 from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
-from stages.chat.evaluate import evaluate_prompts, heldout_key, pick_heldout, prompt_ids, recorded_eval
-from stages.chat.preference import BatchOrder, open_model_input, pad_right, response_mask, token_logps
+from stages.chat.evaluate import accuracy_table, evaluate_prompts, heldout_key, pick_heldout, prompt_ids, recorded_eval
+from stages.chat.preference import BatchOrder, pad_right, response_mask, token_logps
 from stages.chat.verifiers import VERIFIERS, verify
 from stages.contract import StageContext, StageError, StageResult, main
-from storage import checkpoints
+from stages.training import (
+    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    set_lr, setup_runtime, stopped_by, write_run_meta,
+)
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows
 
@@ -96,8 +98,16 @@ class Config:
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
     max_new_tokens: int = 96  # room for a worked two-step word problem; a cut-off completion gets no format bonus
+    # AdamW and the LR schedule (stages/training.py): linear warmup, then constant by default
     lr: float = 1e-4
-    warmup_steps: int = 5  # linear warmup, then constant
+    schedule: Literal["cosine", "wsd", "constant"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine and wsd only
+    decay_ratio: float = 0.2  # wsd only
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
     beta: float = 0.04  # KL coefficient (DeepSeekMath)
     clip_eps: float = 0.2
     mu: int = 1  # optimisation iterations per generated batch
@@ -105,8 +115,9 @@ class Config:
     format_weight: float = 0.1
     rm_weight: float = 0.0
     grad_clip: float = 1.0
+    # budget: max_steps; max_minutes is a safety cap that stops early (still evaluating and saving) and says so
     max_steps: int = 40
-    max_minutes: float = 2.0  # wall-clock guard: stops early, still evaluates and saves
+    max_minutes: float = 20.0
     log_every: int = 1
     ckpt_every: int = 10
     keep_checkpoints: int = 2
@@ -122,8 +133,9 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {self.group_size}")
-        if self.temperature <= 0 or self.lr <= 0 or self.max_minutes <= 0:
-            raise ValueError("temperature, lr and max_minutes must be > 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_optim_config(self)
         if self.beta < 0 or self.clip_eps <= 0 or self.rm_weight < 0 or self.format_weight < 0 or self.eval_per_task < 0:
             raise ValueError("beta, rm_weight, format_weight, eval_per_task must be >= 0 and clip_eps > 0")
 
@@ -185,11 +197,70 @@ def rollout_rewards(tok: Tokenizer, rows: list[dict[str, Any]], completions: lis
     return reward, correct, well_formed
 
 
+def policy_update(policy: GPT, ref: GPT, optimizer: torch.optim.Optimizer, tok: Tokenizer, prompts: list[list[int]],
+                  completions: list[list[int]], reward: torch.Tensor, cfg: Config, device: torch.device,
+                  autocast: contextlib.AbstractContextManager) -> dict[str, float]:
+    """Advantages of one rollout batch (B*G,) grouped by prompt, then mu clipped-GRPO updates on it.
+
+    The training sequence of a sample is prompt + completion (+ <|im_end|> when it stopped). Groups
+    whose samples all got the same reward (zero advantage) are left out with drop_uniform_groups; a
+    batch with none left takes no update. Returns the step's loss, kl, clip_frac, grad_norm and the
+    share of samples used.
+    """
+    G = cfg.group_size
+    adv = grpo_advantages(reward.view(-1, G), cfg.adv_eps).view(-1).to(device)  # (B*G,)
+    keep = torch.ones(len(prompts), dtype=torch.bool)
+    if cfg.drop_uniform_groups:
+        keep = (reward.view(-1, G).std(dim=1) > 0).repeat_interleave(G)
+    out = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0, "groups_used": keep.float().mean().item()}
+    if not keep.any():
+        return out
+    kept = keep.nonzero().view(-1).tolist()
+    adv = adv[keep.to(device)]
+    seqs = [prompts[i] + completions[i] + ([tok.im_end_id] if len(completions[i]) < cfg.max_new_tokens else []) for i in kept]
+    ids = pad_right(seqs, tok.pad_id, device)  # (N, T)
+    mask = response_mask([len(prompts[i]) for i in kept], [len(s) for s in seqs], ids.shape[1], device)  # (N, T-1)
+    with torch.no_grad(), autocast:
+        ref_logps = token_logps(ref, ids)
+        old_logps = token_logps(policy, ids) if cfg.mu > 1 else None
+    for _ in range(cfg.mu):
+        with autocast:
+            logps = token_logps(policy, ids)  # (N, T-1)
+        loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, adv, mask,
+                                cfg.clip_eps, cfg.beta)
+        loss.backward()
+        grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {**out, "loss": loss.item(), "kl": stats["kl"].item(), "clip_frac": stats["clip_frac"].item(),
+            "grad_norm": grad_norm.item()}
+
+
+def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, acc: dict[str, float], start_acc: dict[str, float],
+              sft_acc: dict[str, float], curve: list[dict[str, Any]], gen_total: float, train_total: float) -> StageResult:
+    """Headline metrics (held-out acc/<task> beside the start and SFT models'), the table and summary."""
+    def mean_of(points: list[dict[str, float]], key: str) -> float:
+        return sum(p[key] for p in points) / len(points) if points else float("nan")
+
+    metrics = {**acc, **{f"start_{k}": v for k, v in start_acc.items()}, **{f"sft_{k}": v for k, v in sft_acc.items()},
+               "steps": float(step), "gen_seconds": gen_total, "train_seconds": train_total,
+               "reward_first5": mean_of(curve[:5], "reward/mean"), "reward_last5": mean_of(curve[-5:], "reward/mean")}
+    table, md = accuracy_table({"sft_acc": sft_acc, "start_acc": start_acc, "grpo_acc": acc})
+    summary = (
+        f"GRPO: {step} of {cfg.max_steps} steps ({stop}), {cfg.prompts_per_step} prompts x {cfg.group_size} samples per "
+        f"step; train reward {metrics['reward_first5']:.3f} (first 5 steps) -> {metrics['reward_last5']:.3f} (last 5); "
+        f"time {gen_total:.1f} s generating, {train_total:.1f} s training.\n\n" + md
+    )
+    return StageResult(outputs={"grpo": {"steps": step, "acc": acc.get("acc", float("nan"))}}, metrics=metrics,
+                       summary=summary, tables={"train_curve": curve, "heldout_accuracy": table},
+                       warnings=budget_warnings("grpo", stop, step, cfg.max_steps, cfg.max_minutes))
+
+
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
     log = ctx.logger
     # setup
-    device = torch.device(ctx.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    rt = setup_runtime(ctx, seed=False)
+    device, autocast = rt.device, rt.autocast
     src_dir, tok, policy = open_model_input(inputs, "dpo", "grpo", device)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     rm = RewardModel.from_pretrained(inputs["reward_model"].path, device=device).eval() if cfg.rm_weight > 0 else None
@@ -212,8 +283,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             start_acc, sft_acc = recorded["acc"], recorded["sft_acc"]
         else:
             start_acc = evaluate_prompts(ref, tok, val, cfg.eval_new_tokens)
-            sft_acc = evaluate_prompts(GPT.from_pretrained(inputs["sft"].path, device=device).eval(), tok, val,
-                                       cfg.eval_new_tokens)
+            sft_acc = evaluate_prompts(open_model_input(inputs, "sft", "grpo", device)[2].eval(), tok, val, cfg.eval_new_tokens)
     derived = {"train_prompts": len(train), "val_prompts": len(val), "samples_per_step": cfg.prompts_per_step * cfg.group_size,
                "epochs_planned": cfg.max_steps * cfg.prompts_per_step / len(train)}
     log.info("grpo: %s; start held-out accuracy %s", json.dumps(derived), json.dumps(start_acc))
@@ -221,35 +291,24 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # optimizer and resume
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    step, elapsed_s, gen_total, train_total = 0, 0.0, 0.0, 0.0
+    optimizer = adamw(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    step, gen_total, train_total = 0, 0.0, 0.0
     curve: list[dict[str, float]] = []  # one point per step, kept in the checkpoints
-    resumed = checkpoints.resume(ctx.checkpoint_dir, policy, optimizer, map_location=str(device))
-    if resumed is not None:
-        found, meta = resumed
-        order.load_state_dict(meta["order"])
-        step, elapsed_s = meta["step"], meta["elapsed_s"]
-        gen_total, train_total, curve = meta["gen_seconds"], meta["train_seconds"], meta["curve"]
-        log.info("grpo: resumed from %s at step %d", found, step)
+    ck = resume(ctx, policy, optimizer, device)
+    if ck is not None:
+        order.load_state_dict(ck["order"])
+        step, gen_total, train_total, curve = ck["step"], ck["gen_seconds"], ck["train_seconds"], ck["curve"]
 
-    def save_checkpoint() -> None:
-        checkpoints.save(ctx.checkpoint_dir, step, policy.state_dict(), optimizer.state_dict(),
-                         {"order": order.state_dict(), "elapsed_s": elapsed_s, "gen_seconds": gen_total,
-                          "train_seconds": train_total, "curve": curve, "config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+    def ck_meta() -> dict[str, Any]:
+        return {"order": order.state_dict(), "elapsed_s": clock.seconds, "gen_seconds": gen_total,
+                "train_seconds": train_total, "curve": curve, "config": asdict(cfg)}
 
     # the loop: sample, reward, mu updates, checkpoint
-    stopped_by = "max_steps"
+    clock = Clock(ck["elapsed_s"] if ck else 0.0)
     G = cfg.group_size
-    t_start, elapsed_start = time.perf_counter(), elapsed_s
-    while True:
-        elapsed_s = elapsed_start + time.perf_counter() - t_start
-        if step >= cfg.max_steps or elapsed_s > 60 * cfg.max_minutes:
-            stopped_by = "max_minutes" if step < cfg.max_steps else stopped_by
-            break
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
+    while not (step >= cfg.max_steps or clock.over(cfg.max_minutes)):
+        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                                      cfg.decay_ratio))
         # 1. generate B*G completions; the sampler's seed depends on (seed, step) only, so a resumed run samples the same
         t0 = time.perf_counter()
         idx = order.next()
@@ -264,85 +323,33 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         reward, correct, well_formed = rollout_rewards(tok, rows, completions, cfg, rm)
         gen_s = time.perf_counter() - t0
 
-        # 2. advantages and the training batch: prompt + completion (+ <|im_end|> when it stopped), without the
-        #    groups that teach nothing (every sample the same reward: zero advantage) when drop_uniform_groups
+        # 2. advantages and mu updates on the same samples
         t0 = time.perf_counter()
-        adv = grpo_advantages(reward.view(-1, G), cfg.adv_eps).view(-1).to(device)  # (B*G,)
-        keep = torch.ones(len(rows), dtype=torch.bool)
-        if cfg.drop_uniform_groups:
-            keep = (reward.view(-1, G).std(dim=1) > 0).repeat_interleave(G)
-        used = keep.float().mean().item()
-        stats = {"kl": torch.tensor(0.0), "clip_frac": torch.tensor(0.0)}
-        loss, grad_norm = torch.tensor(0.0), torch.tensor(0.0)
-        if keep.any():  # else nothing to learn from this batch: the step takes no update
-            kept = keep.nonzero().view(-1).tolist()
-            adv = adv[keep.to(device)]
-            seqs = [prompts[i] + completions[i] + ([tok.im_end_id] if len(completions[i]) < cfg.max_new_tokens else [])
-                    for i in kept]
-            ids = pad_right(seqs, tok.pad_id, device)  # (N, T)
-            mask = response_mask([len(prompts[i]) for i in kept], [len(s) for s in seqs], ids.shape[1], device)  # (N, T-1)
-            with torch.no_grad(), autocast:
-                ref_logps = token_logps(ref, ids)
-                old_logps = token_logps(policy, ids) if cfg.mu > 1 else None
-
-            # 3. mu updates on the same samples
-            for _ in range(cfg.mu):
-                with autocast:
-                    logps = token_logps(policy, ids)  # (N, T-1)
-                loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, adv, mask,
-                                        cfg.clip_eps, cfg.beta)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                           cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        upd = policy_update(policy, ref, optimizer, tok, prompts, completions, reward, cfg, device, autocast)
         step += 1
         train_s = time.perf_counter() - t0
         gen_total += gen_s
         train_total += train_s
 
-        metrics = {"reward/mean": reward.mean().item(), "reward/std": reward.view(-1, G).std(dim=1).mean().item(),
-                   "accuracy": correct.mean().item(), "format": well_formed.mean().item(),
-                   "kl": stats["kl"].item(), "clip_frac": stats["clip_frac"].item(), "loss": loss.item(),
-                   "completion_len": sum(len(c) for c in completions) / len(completions), "grad_norm": grad_norm.item(),
-                   "lr": lr, "gen_seconds": gen_s, "train_seconds": train_s, "groups_used": used}
-        curve.append({"step": step, **metrics})
+        point = {"reward/mean": reward.mean().item(), "reward/std": reward.view(-1, G).std(dim=1).mean().item(),
+                 "accuracy": correct.mean().item(), "format": well_formed.mean().item(), **upd,
+                 "completion_len": sum(len(c) for c in completions) / len(completions), "lr": lr,
+                 "gen_seconds": gen_s, "train_seconds": train_s, "samples_per_s": clock.lap(len(completions))}
+        curve.append({"step": step, **point})
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            ctx.tracker.log_metrics(metrics, step=step)
-            ctx.progress(step, cfg.max_steps, "grpo", reward=metrics["reward/mean"], acc=metrics["accuracy"])
-        if step % cfg.ckpt_every == 0:
-            elapsed_s = elapsed_start + time.perf_counter() - t_start
-            save_checkpoint()
+            ctx.tracker.log_metrics({f"train/{k}": v for k, v in point.items()}, step=step)
+            ctx.progress(step, cfg.max_steps, "grpo", reward=point["reward/mean"], acc=point["accuracy"])
+        checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
 
     # save: a final checkpoint, the held-out accuracy, then the artifact
-    if step % cfg.ckpt_every != 0:
-        save_checkpoint()
+    checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
     acc = evaluate_prompts(policy, tok, val, cfg.eval_new_tokens) if val else {}
+    stop = stopped_by(step, cfg.max_steps)
+    result = summarize(cfg, derived, step, stop, acc, start_acc, sft_acc, curve, gen_total, train_total)
     out = save_model_dir(policy, src_dir, ctx.output("grpo"))
-    first, last = curve[:5], curve[-5:]
-
-    def mean_of(points: list[dict[str, float]], key: str) -> float:
-        return sum(p[key] for p in points) / len(points) if points else float("nan")
-
-    metrics = {**acc, **{f"start_{k}": v for k, v in start_acc.items()}, **{f"sft_{k}": v for k, v in sft_acc.items()},
-               "steps": float(step),
-               "gen_seconds": gen_total, "train_seconds": train_total,
-               "reward_first5": mean_of(first, "reward/mean"), "reward_last5": mean_of(last, "reward/mean")}
-    meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived,
-            "heldout": {"key": key, "acc": acc, "sft_acc": sft_acc}, "config": asdict(cfg), "curve": curve}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    tasks = sorted(k.removeprefix("acc/") for k in acc if k.startswith("acc/"))
-    rows = [{"task": t, "sft_acc": sft_acc[f"acc/{t}"], "start_acc": start_acc[f"acc/{t}"], "grpo_acc": acc[f"acc/{t}"]}
-            for t in tasks]
-    summary = (
-        f"GRPO: {step} steps ({stopped_by}), {cfg.prompts_per_step} prompts x {cfg.group_size} samples per step; "
-        f"train reward {metrics['reward_first5']:.3f} (first 5 steps) -> {metrics['reward_last5']:.3f} (last 5); "
-        f"time {gen_total:.1f} s generating, {train_total:.1f} s training.\n\n"
-        + ("| task | SFT acc | DPO acc (start) | GRPO acc |\n|---|---|---|---|\n" + "".join(
-            f"| {r['task']} | {r['sft_acc']:.3f} | {r['start_acc']:.3f} | {r['grpo_acc']:.3f} |\n" for r in rows) if rows else "")
-    )
-    return StageResult(outputs={"grpo": {"steps": step, "acc": acc.get("acc", float("nan"))}}, metrics=metrics,
-                       summary=summary, tables={"train_curve": curve, "heldout_accuracy": rows})
+    write_run_meta(out, "grpo", step, cfg.max_steps, stop, clock, result.metrics, derived, cfg, curve,
+                   heldout={"key": key, "acc": acc, "sft_acc": sft_acc})
+    return result
 
 
 if __name__ == "__main__":

@@ -34,12 +34,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,7 +49,10 @@ from models.gpt import GPT, GPTConfig
 from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.contract import StageContext, StageError, StageResult, main
-from storage import checkpoints
+from stages.training import (
+    Clock, adamw, all_ranks_max, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, resume,
+    set_lr, setup_runtime, stopped_by, write_run_meta,
+)
 from storage.artifacts import Artifact
 
 INPUTS = ("tokenizer", "tokens")
@@ -71,21 +72,22 @@ class Config:
     # batch: tokens per optimizer step = batch_size * grad_accum * seq_len * world_size
     batch_size: int = 16
     grad_accum: int = 1
-    # AdamW and the LR schedule
+    # AdamW and the LR schedule (stages/training.py)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
-    schedule: Literal["cosine", "wsd"] = "cosine"
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_ratio: float = 0.2  # wsd only: the last fraction of steps decays linearly
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
     # budget: the schedule runs over max_steps (or max_tokens // tokens per step when > 0);
-    # max_minutes stops training early, still evaluating and saving
+    # max_minutes is a safety cap: it stops training early (still evaluating and saving) and says so
     max_steps: int = 500
     max_tokens: int = 0
-    max_minutes: float = 5.0
+    max_minutes: float = 60.0
     # cadence
     log_every: int = 10
     eval_every: int = 100
@@ -107,31 +109,7 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_ratio <= 1.0:
             raise ValueError("min_lr_ratio must be in [0, 1] and decay_ratio in (0, 1]")
-        if self.max_minutes <= 0 or self.lr <= 0:
-            raise ValueError("max_minutes and lr must be > 0")
-
-
-# -- learning-rate schedule ----------------------------------------------------------------------
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float, decay_ratio: float) -> float:
-    """LR at optimizer step `step` (0-based) as a fraction of the peak.
-
-    warmup: (step + 1) / warmup_steps.  cosine: min + (1 - min) * (1 + cos(pi * p)) / 2 with p the
-    fraction of post-warmup steps done.  wsd: 1 until the last decay_ratio * total_steps steps, then
-    linear down to min_lr_ratio at the last step.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        p = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-    decay_steps = max(1, round(decay_ratio * total_steps))
-    decay_start = total_steps - decay_steps
-    if step < decay_start:
-        return 1.0
-    p = min(1.0, (step - decay_start + 1) / decay_steps)
-    return 1.0 - (1.0 - min_lr_ratio) * p
+        check_optim_config(self)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -240,16 +218,6 @@ def unigram_bpb(train: np.ndarray, val: np.ndarray, vocab_size: int, val_bytes: 
 # -- model, optimizer, evaluation ------------------------------------------------------------------
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings, projections) only, not on norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int,
              device: torch.device, autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> float:
@@ -280,13 +248,56 @@ def sample_text(model: GPT, tokenizer: Tokenizer, prompts: tuple[str, ...], max_
     return "\n\n".join(f"### {p}\n{p}{tokenizer.decode(o, skip_special_tokens=True)}" for p, o in zip(prompts, outs))
 
 
-def all_ranks_max(value: float, world_size: int, device: torch.device) -> float:
-    """The largest `value` over ranks (used so every rank takes the same stop decision)."""
-    if world_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+def read_tokenizer(tokenizer_dir: Path) -> Tokenizer:
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise StageError(f"pretrain: no tokenizer.json in tokenizer artifact {tokenizer_dir}; rebuild the tokenizer stage")
+    try:
+        return Tokenizer.load(tokenizer_dir)
+    except Exception as e:  # a special token is missing, or the file does not parse
+        raise StageError(f"pretrain: {tokenizer_dir}/tokenizer.json: {e}; rebuild the tokenizer stage") from None
+
+
+def derive(cfg: Config, model: GPT, train_tokens: int, world_size: int, device: torch.device, baseline_bpb: float) -> dict[str, Any]:
+    """The sizes the config implies: tokens per optimizer step, the step budget (max_tokens wins when
+    set), planned epochs, FLOPs per token; with the trivial baseline, logged as the run's params."""
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * world_size
+    total_steps = max(1, cfg.max_tokens // tokens_per_step) if cfg.max_tokens > 0 else cfg.max_steps
+    return {
+        "vocab_size": model.cfg.vocab_size, "params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+        "tokens_per_step": tokens_per_step, "total_steps": total_steps, "planned_tokens": total_steps * tokens_per_step,
+        "epochs_planned": total_steps * tokens_per_step / train_tokens, "flops_per_token": model.flops_per_token(cfg.seq_len),
+        "world_size": world_size, "device": str(device), "unigram_bpb": baseline_bpb,
+    }
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, tokens_seen: int, tokens_per_s: float,
+              train_loss: float | None, val_loss: float, val_bpb: float, curve: list[dict[str, Any]], samples: str,
+              mfu: float | None = None) -> StageResult:
+    """The stage's report from what the loop measured: headline metrics, the markdown summary, the
+    eval curve, and the loud warning when the time cap ended training (no training needed to test it)."""
+    n_params, baseline = derived["params"], derived["unigram_bpb"]
+    metrics = {
+        "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": baseline, "tokens_per_s": tokens_per_s,
+        "params": float(n_params), "steps": float(step), "train_tokens_seen": float(tokens_seen),
+    }
+    if mfu is not None:
+        metrics["mfu"] = mfu
+    if train_loss is not None:
+        metrics["train_loss"] = train_loss
+    summary = (
+        f"Base model: {n_params / 1e6:.2f}M params, {step} of {derived['total_steps']} steps ({stop}), "
+        f"{tokens_seen / 1e6:.2f}M tokens at {tokens_per_s:,.0f} tok/s.\n\n"
+        f"| val loss | val bpb | unigram bpb |\n|---|---|---|\n| {val_loss:.4f} | {val_bpb:.4f} | {baseline:.4f} |\n\n"
+        f"Samples (greedy):\n\n{samples}\n"
+    )
+    return StageResult(
+        outputs={"base": {"params": n_params, "steps": step, "val_bpb": val_bpb, "seq_len": cfg.seq_len}},
+        metrics=metrics, summary=summary, tables={"eval_curve": curve},
+        warnings=budget_warnings("pretrain", stop, step, derived["total_steps"], cfg.max_minutes),
+    )
 
 
 # -- the stage -------------------------------------------------------------------------------------
@@ -294,29 +305,13 @@ def all_ranks_max(value: float, world_size: int, device: torch.device) -> float:
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
     log = ctx.logger
-    # setup: one process per device; DDP when torchrun started more than one
-    ddp = ctx.world_size > 1
-    cuda = ctx.device.startswith("cuda")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if ddp else torch.device(ctx.device).index or 0)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-    own_group = ddp and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    # setup: one process per device; DDP when torchrun started more than one; the same seed on every rank
+    rt = setup_runtime(ctx)
+    device, autocast = rt.device, rt.autocast
 
     # data
     tokenizer_dir, tokens_dir = Path(inputs["tokenizer"].path), Path(inputs["tokens"].path)
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise StageError(f"pretrain: no tokenizer.json in tokenizer artifact {tokenizer_dir}; rebuild the tokenizer stage")
-    try:
-        tokenizer = Tokenizer.load(tokenizer_dir)
-    except ValueError as e:  # a special token is missing
-        raise StageError(f"pretrain: {tokenizer_dir}/tokenizer.json: {e}; rebuild the tokenizer stage") from None
+    tokenizer = read_tokenizer(tokenizer_dir)
     train, val, meta = read_shards(tokens_dir)
     vocab_size, eot_id = int(meta["vocab_size"]), int(meta["eot_id"])
     if tokenizer.vocab_size > vocab_size:
@@ -324,100 +319,73 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     loader = PackedLoader(train, cfg.seq_len, cfg.batch_size, ctx.seed, ctx.rank, ctx.world_size)
     starts = eval_starts(len(val), cfg.seq_len, cfg.eval_tokens)
     val_tokens, val_bytes = len(val), int(meta["val_bytes"])
-    baseline_bpb = unigram_bpb(train, val, vocab_size, val_bytes)
 
-    # model: same init on every rank (DDP also broadcasts rank 0's weights)
-    torch.manual_seed(ctx.seed)
+    # model (the same init on every rank; DDP also broadcasts rank 0's weights) and optimizer
     gcfg = GPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                      n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings)
     raw_model = GPT(gcfg).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
+    optimizer = adamw(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
 
     # derived sizes, logged so the run is self-describing
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * ctx.world_size
-    total_steps = max(1, cfg.max_tokens // tokens_per_step) if cfg.max_tokens > 0 else cfg.max_steps
-    n_params = raw_model.num_params()
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    derived = {
-        "vocab_size": vocab_size, "params": n_params, "non_embedding_params": raw_model.num_params(non_embedding=True),
-        "tokens_per_step": tokens_per_step, "total_steps": total_steps, "planned_tokens": total_steps * tokens_per_step,
-        "epochs_planned": total_steps * tokens_per_step / len(train), "flops_per_token": flops_per_token,
-        "world_size": ctx.world_size, "device": str(device), "unigram_bpb": baseline_bpb,
-    }
+    derived = derive(cfg, raw_model, len(train), ctx.world_size, device, unigram_bpb(train, val, vocab_size, val_bytes))
+    tokens_per_step, total_steps, flops_per_token = derived["tokens_per_step"], derived["total_steps"], derived["flops_per_token"]
     if ctx.is_main:
         log.info("pretrain: %s", json.dumps(derived))
         ctx.tracker.log_params({"derived": derived, "model": gcfg.to_dict()})
 
-    # resume: weights, optimizer, RNG, loader position, step and the clock spent so far
-    step, tokens_seen, elapsed_s = 0, 0, 0.0
-    resumed = checkpoints.resume(ctx.checkpoint_dir, raw_model, optimizer, map_location=str(device))
-    if resumed is not None:
-        found, ck_meta = resumed
-        loader.load_state_dict(ck_meta["loader"])
-        step, tokens_seen, elapsed_s = ck_meta["step"], ck_meta["tokens_seen"], ck_meta["elapsed_s"]
-        if ctx.is_main:
-            log.info("pretrain: resumed from %s at step %d", found, step)
-
+    # resume: weights, optimizer, RNG, loader position, step and the training time spent so far
+    step, tokens_seen, curve = 0, 0, []
+    ck = resume(ctx, raw_model, optimizer, device)
+    if ck is not None:
+        loader.load_state_dict(ck["loader"])
+        step, tokens_seen, curve = ck["step"], ck["tokens_seen"], ck.get("curve", [])
     model: torch.nn.Module = raw_model
-    if cuda and cfg.compile:
+    if rt.cuda and cfg.compile:
         model = torch.compile(model)
     eval_model = model  # no DDP wrapper: evaluation must not run DDP's collectives
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
+    if rt.ddp:
+        model = DDP(model, device_ids=[device.index] if rt.cuda else None)
 
-    def save_checkpoint() -> None:
-        if ctx.is_main:
-            checkpoints.save(ctx.checkpoint_dir, step, raw_model.state_dict(), optimizer.state_dict(),
-                             {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
-                              "model": gcfg.to_dict(), "config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+    def ck_meta() -> dict[str, Any]:
+        return {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "elapsed_s": clock.seconds, "curve": curve,
+                "model": gcfg.to_dict(), "config": asdict(cfg)}
+
+    def mfu(tok_s: float) -> float | None:
+        return flops_per_token * tok_s / (cfg.peak_tflops * 1e12 * ctx.world_size) if rt.cuda else None
 
     # the loop: evaluate, stop or take one optimizer step, checkpoint
-    curve: list[dict[str, float]] = []
-    train_loss: float | None = None  # the mean over the last log interval; None before the first
-    val_loss = float("nan")
-    run_tokens, train_time_s, eval_time_s = 0, 0.0, 0.0  # this process's share, for tokens/s
-    stopped_by = "max_steps"
+    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    train_loss, val_loss, samples = None, float("nan"), ""
+    run_tokens, tokens_log = 0, 0  # this process's share of this run, for tokens/s
     loss_acc, n_acc = torch.zeros((), device=device), 0  # train loss summed over the steps since the last log
-    t_log, tokens_log, eval_log = time.perf_counter(), 0, 0.0
-    t_start = time.perf_counter()
-    elapsed_start = elapsed_s
     while True:
-        elapsed_s = elapsed_start + time.perf_counter() - t_start
-        out_of_time = step % cfg.log_every == 0 and all_ranks_max(float(elapsed_s > 60 * cfg.max_minutes), ctx.world_size, device) > 0
+        out_of_time = step % cfg.log_every == 0 and all_ranks_max(float(clock.over(cfg.max_minutes)), ctx.world_size, device) > 0
         last = step >= total_steps or out_of_time
         if step % cfg.eval_every == 0 or last:
-            t0 = time.perf_counter()
-            val_loss = evaluate(eval_model, val, starts, cfg.seq_len, cfg.batch_size, device, autocast, ctx.rank, ctx.world_size)
-            val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
-            if ctx.is_main:
-                ctx.tracker.log_metrics({"val/loss": val_loss, "val/bpb": val_bpb}, step=step)
-                samples = sample_text(raw_model, tokenizer, cfg.sample_prompts, cfg.sample_tokens, eot_id, autocast)
-                ctx.tracker.log_text(samples, f"samples/step-{step:06d}.md")
-                curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb})
-            dt = time.perf_counter() - t0
-            eval_time_s += dt
-            eval_log += dt
+            with clock.paused():
+                val_loss = evaluate(eval_model, val, starts, cfg.seq_len, cfg.batch_size, device, autocast, ctx.rank, ctx.world_size)
+                if ctx.is_main:
+                    ctx.tracker.log_metrics({"val/loss": val_loss, "val/bpb": bits_per_byte(val_loss, val_tokens, val_bytes)}, step=step)
+                    samples = sample_text(raw_model, tokenizer, cfg.sample_prompts, cfg.sample_tokens, eot_id, autocast)
+                    ctx.tracker.log_text(samples, f"samples/step-{step:06d}.md")
+                    curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
+                                  "val_bpb": bits_per_byte(val_loss, val_tokens, val_bytes)})
         if last:
-            if out_of_time and step < total_steps:
-                stopped_by = "max_minutes"
             break
 
-        t0 = time.perf_counter()
-        lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_ratio))
         for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
             # DDP all-reduces gradients on the last micro-batch only
-            sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+            sync = contextlib.nullcontext() if not rt.ddp or micro == cfg.grad_accum - 1 else model.no_sync()
             with sync, autocast:
                 _, loss = model(x, y)
             with sync:
                 (loss / cfg.grad_accum).backward()
             loss_acc += loss.detach() / cfg.grad_accum
         n_acc += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -428,59 +396,33 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         if step % cfg.log_every == 0 or step == total_steps:
             # the .item() calls below are the loop's only host-device syncs
             loss_mean = loss_acc / (n_acc * ctx.world_size)
-            if ddp:
+            if rt.ddp:
                 dist.all_reduce(loss_mean)  # a sum: gloo has no AVG
             train_loss = loss_mean.item()
             loss_acc.zero_()
             n_acc = 0
-            now = time.perf_counter()
-            tok_s = tokens_log / max(1e-9, now - t_log - eval_log)
-            t_log, tokens_log, eval_log = now, 0, 0.0
+            tok_s = clock.lap(tokens_log)
+            tokens_log = 0
             metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(), "train/tokens_per_s": tok_s}
-            if cuda:
-                metrics["mfu"] = flops_per_token * tok_s / (cfg.peak_tflops * 1e12 * ctx.world_size)
+            if rt.cuda:
+                metrics["train/mfu"] = mfu(tok_s)
             if ctx.is_main:
                 ctx.tracker.log_metrics(metrics, step=step)
                 ctx.progress(step, total_steps, "pretrain", loss=train_loss)
-        if step % cfg.ckpt_every == 0:
-            elapsed_s = elapsed_start + time.perf_counter() - t_start
-            save_checkpoint()
-        train_time_s += time.perf_counter() - t0
+        checkpoint(ctx, step, raw_model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
 
     # save: a final checkpoint (a crash during export resumes here), then the `base` artifact
-    elapsed_s = elapsed_start + time.perf_counter() - t_start
-    if step % cfg.ckpt_every != 0:
-        save_checkpoint()
-    tokens_per_s = run_tokens / train_time_s if train_time_s > 0 else 0.0
+    checkpoint(ctx, step, raw_model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    tokens_per_s = clock.rate(run_tokens)
     val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
-    metrics = {
-        "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": baseline_bpb, "tokens_per_s": tokens_per_s,
-        "params": float(n_params), "steps": float(step), "train_tokens_seen": float(tokens_seen),
-    }
-    if cuda:
-        metrics["mfu"] = flops_per_token * tokens_per_s / (cfg.peak_tflops * 1e12 * ctx.world_size)
-    result = StageResult(metrics=metrics)
+    result = summarize(cfg, derived, step, stopped_by(step, total_steps), tokens_seen, tokens_per_s, train_loss,
+                       val_loss, val_bpb, curve, samples, mfu(tokens_per_s))
     if ctx.is_main:
         out = save_model_dir(raw_model, tokenizer_dir, ctx.output("base"))
-        run_meta = {
-            "steps": step, "total_steps": total_steps, "stopped_by": stopped_by, "train_tokens_seen": tokens_seen,
-            "train_loss": train_loss, "val_loss": val_loss, "val_bpb": val_bpb, "unigram_bpb": baseline_bpb,
-            "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s, "eval_s_this_run": eval_time_s,
-            "seq_len": cfg.seq_len, "eot_id": eot_id, "derived": derived, "config": asdict(cfg), "curve": curve,
-        }
-        (out / "meta.json").write_text(json.dumps(run_meta, indent=2))
+        write_run_meta(out, "pretrain", step, total_steps, stopped_by(step, total_steps), clock, result.metrics, derived,
+                       cfg, curve, seq_len=cfg.seq_len, eot_id=eot_id)
         ctx.tracker.log_text(samples, "samples/final.md")
-        result.outputs = {"base": {"params": n_params, "steps": step, "val_bpb": val_bpb, "seq_len": cfg.seq_len}}
-        result.tables = {"eval_curve": curve}
-        result.summary = (
-            f"Base model: {n_params / 1e6:.2f}M params, {step} steps ({stopped_by}), {tokens_seen / 1e6:.2f}M tokens "
-            f"at {tokens_per_s:,.0f} tok/s.\n\n"
-            f"| val loss | val bpb | unigram bpb |\n|---|---|---|\n| {val_loss:.4f} | {val_bpb:.4f} | {baseline_bpb:.4f} |\n\n"
-            f"Samples (greedy):\n\n{samples}\n"
-        )
-    if own_group:
-        dist.barrier()
-        dist.destroy_process_group()
+    rt.close()
     return result
 
 

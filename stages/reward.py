@@ -29,17 +29,20 @@ import contextlib
 import json
 import math
 import sys
-import time
 from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from models.heads import RewardModel
 from models.hf_export import save_model_dir
-from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, open_model_input, pad_right, read_pairs
+from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, pad_right, read_pairs
 from stages.contract import StageContext, StageError, StageResult, main
-from storage import checkpoints
+from stages.training import (
+    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    set_lr, setup_runtime, stopped_by, write_run_meta,
+)
 from storage.artifacts import Artifact
 
 INPUTS = ("sft", "prefs")
@@ -50,12 +53,20 @@ GPU = True
 @dataclass(frozen=True)
 class Config:
     batch_size: int = 16  # pairs per step (2 * batch_size sequences)
+    # AdamW and the LR schedule (stages/training.py): linear warmup, then constant by default
     lr: float = 3e-5  # small: the likelihood term starts at ~0.94 pair accuracy; 3e-4 lost 4 points of it in 220 steps
-    warmup_steps: int = 10  # linear warmup, then constant
+    schedule: Literal["cosine", "wsd", "constant"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine and wsd only
+    decay_ratio: float = 0.2  # wsd only
+    warmup_steps: int = 10
     weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    # budget: max_steps; max_minutes is a safety cap that stops early (still evaluating and saving) and says so
     max_steps: int = 300
-    max_minutes: float = 3.0  # wall-clock guard: stops early, still evaluates and saves
+    max_minutes: float = 15.0
     max_len: int = 0  # tokens per sequence; 0 = the backbone's max_seq_len; longer pairs are dropped
     log_every: int = 10
     eval_every: int = 100
@@ -67,8 +78,9 @@ class Config:
         for name in ("batch_size", "max_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.max_minutes <= 0 or self.max_len < 0:
-            raise ValueError("lr and max_minutes must be > 0 and max_len >= 0")
+        if self.max_len < 0:
+            raise ValueError(f"max_len must be >= 0, got {self.max_len}")
+        check_optim_config(self)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -108,11 +120,27 @@ def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int
             **accuracy_by_task(pairs, correct, "pair_acc")}
 
 
+def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, ev: dict[str, float],
+              curve: list[dict[str, Any]]) -> StageResult:
+    """Headline metrics (val_pair_acc overall and per task), the summary line and the eval curve."""
+    per_task = {k: v for k, v in ev.items() if k.startswith("pair_acc/")}
+    metrics = {"val_pair_acc": ev["pair_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
+               **{f"val_{k}": v for k, v in per_task.items()}}
+    summary = (
+        f"Reward model: {step} of {cfg.max_steps} steps ({stop}) on {derived['train_pairs']} pairs; held-out pairwise "
+        f"accuracy {ev['pair_acc']:.3f} on {derived['val_pairs']} pairs (loss {ev['loss']:.4f}, mean margin "
+        f"{ev['margin']:.3f})" + "".join(f"; {k.removeprefix('pair_acc/')} {v:.3f}" for k, v in per_task.items()) + ".\n"
+    )
+    return StageResult(outputs={"reward_model": {"val_pair_acc": ev["pair_acc"], "steps": step}}, metrics=metrics,
+                       summary=summary, tables={"eval_curve": curve},
+                       warnings=budget_warnings("reward", stop, step, cfg.max_steps, cfg.max_minutes))
+
+
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
     log = ctx.logger
     # setup
-    device = torch.device(ctx.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    rt = setup_runtime(ctx, seed=False)
+    device, autocast = rt.device, rt.autocast
     sft_dir, tok, backbone = open_model_input(inputs, "sft", "reward")
     max_len = cfg.max_len or backbone.cfg.max_seq_len
 
@@ -129,85 +157,67 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     torch.manual_seed(ctx.seed)
     model = RewardModel(backbone).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
     derived = {"train_pairs": len(train), "val_pairs": len(val), "dropped_too_long": train_long + val_long,
                "max_len": max_len, "epochs_planned": cfg.max_steps * cfg.batch_size / len(train), "params": model.backbone.num_params()}
     log.info("reward: %s", json.dumps(derived))
     ctx.tracker.log_params({"derived": derived})
 
     # resume
-    step, elapsed_s = 0, 0.0
-    resumed = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
-    if resumed is not None:
-        found, meta = resumed
-        order.load_state_dict(meta["order"])
-        step, elapsed_s = meta["step"], meta["elapsed_s"]
-        log.info("reward: resumed from %s at step %d", found, step)
+    step, curve = 0, []
+    ck = resume(ctx, model, optimizer, device)
+    if ck is not None:
+        order.load_state_dict(ck["order"])
+        step, curve = ck["step"], ck.get("curve", [])
 
-    def save_checkpoint() -> None:
-        checkpoints.save(ctx.checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
-                         {"order": order.state_dict(), "elapsed_s": elapsed_s, "config": asdict(cfg)},
-                         keep=cfg.keep_checkpoints)
+    def ck_meta() -> dict[str, Any]:
+        return {"order": order.state_dict(), "elapsed_s": clock.seconds, "curve": curve, "config": asdict(cfg)}
 
     # the loop: evaluate, stop or take one step, checkpoint
-    curve: list[dict[str, float]] = []
+    clock = Clock(ck["elapsed_s"] if ck else 0.0)
     ev: dict[str, float] = {}
-    loss_sum, acc_sum, n_log = 0.0, 0.0, 0
-    stopped_by = "max_steps"
-    t_start, elapsed_start = time.perf_counter(), elapsed_s
+    loss_sum, acc_sum, n_log, run_pairs = 0.0, 0.0, 0, 0
     while True:
-        elapsed_s = elapsed_start + time.perf_counter() - t_start
-        out_of_time = elapsed_s > 60 * cfg.max_minutes
-        last = step >= cfg.max_steps or out_of_time
+        last = step >= cfg.max_steps or clock.over(cfg.max_minutes)
         if step % cfg.eval_every == 0 or last:
-            ev = evaluate(model, val, cfg.batch_size, tok.pad_id, device, autocast)
-            ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
-            curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+            with clock.paused():
+                ev = evaluate(model, val, cfg.batch_size, tok.pad_id, device, autocast)
+                ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
+                curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
         if last:
-            stopped_by = "max_minutes" if step < cfg.max_steps else stopped_by
             break
 
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                                      cfg.decay_ratio))
         batch = [train[i] for i in order.next()]
         with autocast:
             rc, rr = pair_rewards(model, batch, tok.pad_id, device)
         loss = bradley_terry_loss(rc, rr).mean()
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_sum += loss.item()
         acc_sum += (rc > rr).float().mean().item()
         n_log += 1
+        run_pairs += len(batch)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             metrics = {"train/loss": loss_sum / n_log, "train/pair_acc": acc_sum / n_log, "train/lr": lr,
-                       "train/grad_norm": grad_norm.item()}
+                       "train/grad_norm": grad_norm.item(), "train/samples_per_s": clock.lap(2 * n_log * cfg.batch_size)}
             ctx.tracker.log_metrics(metrics, step=step)
             ctx.progress(step, cfg.max_steps, "reward", loss=metrics["train/loss"], acc=metrics["train/pair_acc"])
             loss_sum, acc_sum, n_log = 0.0, 0.0, 0
-        if step % cfg.ckpt_every == 0:
-            elapsed_s = elapsed_start + time.perf_counter() - t_start
-            save_checkpoint()
+        checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
 
     # save: a final checkpoint, then the artifact
-    if step % cfg.ckpt_every != 0:
-        save_checkpoint()
+    checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    stop = stopped_by(step, cfg.max_steps)
+    derived["samples_per_s"] = clock.rate(2 * run_pairs)
+    result = summarize(cfg, derived, step, stop, ev, curve)
     out = save_model_dir(model, sft_dir, ctx.output("reward_model"), hf=False)
-    meta = {"steps": step, "stopped_by": stopped_by, "elapsed_s": elapsed_s, "val": ev, "derived": derived,
-            "config": asdict(cfg), "curve": curve}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    metrics = {"val_pair_acc": ev["pair_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
-               **{f"val_{k}": v for k, v in ev.items() if k.startswith("pair_acc/")}}
-    summary = (
-        f"Reward model: {step} steps ({stopped_by}) on {len(train)} pairs; held-out pairwise accuracy "
-        f"{ev['pair_acc']:.3f} on {len(val)} pairs (loss {ev['loss']:.4f}, mean margin {ev['margin']:.3f})"
-        + "".join(f"; {k.removeprefix('pair_acc/')} {v:.3f}" for k, v in ev.items() if k.startswith("pair_acc/")) + ".\n"
-    )
-    return StageResult(outputs={"reward_model": {"val_pair_acc": ev["pair_acc"], "steps": step}}, metrics=metrics,
-                       summary=summary, tables={"eval_curve": curve})
+    write_run_meta(out, "reward", step, cfg.max_steps, stop, clock, result.metrics, derived, cfg, curve, val=ev)
+    return result
 
 
 if __name__ == "__main__":

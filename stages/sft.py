@@ -39,23 +39,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from models.gpt import GPT
-from models.hf_export import export_hf
+from models.hf_export import save_model_dir
 from models.lora import apply_lora, merge_lora
 from models.tokenizer import IM_END, Tokenizer
-from stages.chat.evaluate import few_shot_base_eval, generate_answers, majority_baseline, pick_heldout, score
+from stages.chat.evaluate import accuracy_table, few_shot_base_eval, generate_answers, majority_baseline, pick_heldout, score
 from stages.contract import StageContext, StageError, StageResult, main
-from storage import checkpoints
+from stages.training import (
+    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    set_lr, setup_runtime, stopped_by, write_run_meta,
+)
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows
 
@@ -71,18 +71,22 @@ class Config:
     seq_len: int = 0
     pack: bool = True
     batch_size: int = 16  # rows per optimizer step
-    # AdamW and the LR schedule
+    # AdamW and the LR schedule (stages/training.py)
     lr: float = 1e-3
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
+    decay_ratio: float = 0.2  # wsd only
     warmup_steps: int = 20
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    # budget: max_steps, or epochs over the packed train rows when max_steps is 0; max_minutes stops early
+    # budget: max_steps, or epochs over the packed train rows when max_steps is 0; max_minutes is a
+    # safety cap that stops early and says so
     epochs: float = 3.0
     max_steps: int = 0
-    max_minutes: float = 10.0
+    max_minutes: float = 30.0
     # LoRA: lora_r = 0 is a full fine-tune
     lora_r: int = 0
     lora_alpha: float = 16.0
@@ -110,8 +114,9 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("give epochs > 0 or max_steps > 0")
-        if self.lr <= 0 or self.max_minutes <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError("lr and max_minutes must be > 0 and min_lr_ratio in [0, 1]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_ratio <= 1.0:
+            raise ValueError("min_lr_ratio must be in [0, 1] and decay_ratio in (0, 1]")
+        check_optim_config(self)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -218,25 +223,7 @@ class ChatLoader:
         return batch
 
 
-# -- optimizer, schedule, evaluation ---------------------------------------------------------------
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from 1 down to min_lr_ratio at the last step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    p = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, weight decay on matrices only."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+# -- evaluation ----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -263,51 +250,82 @@ def read_split(path: str, split: str) -> list[dict[str, Any]]:
         raise StageError(f"sft: no dataset at {path}; rebuild the instruct stage") from None
 
 
-# -- the stage -------------------------------------------------------------------------------------
-
-
-def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
-    log = ctx.logger
-    # setup
-    cuda = ctx.device.startswith("cuda")
-    device = torch.device(ctx.device if cuda else "cpu")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-    torch.manual_seed(ctx.seed)
-
-    # model and tokenizer of the base model
-    base_dir = Path(inputs["base"].path)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (base_dir / name).is_file():
-            raise StageError(f"sft: no {name} in base model {base_dir}; rebuild the pretrain stage")
-    tok = Tokenizer.load(base_dir)
-    model = GPT.from_pretrained(base_dir, device=device)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise StageError(f"sft: tokenizer in {base_dir} has {tok.vocab_size} tokens, the model {model.cfg.vocab_size}; rebuild base")
-    seq_len = cfg.seq_len or model.cfg.max_seq_len
-
-    # data
+def load_data(cfg: Config, tok: Tokenizer, inputs: dict[str, Artifact], seq_len: int, seed: int) -> dict[str, Any]:
+    """The stage's data: the train loader, the packed val rows, the held-out prompts and the few-shot
+    pool (train prompts), and the counts of conversations left out."""
     train_ex, dropped = encode_rows(tok, read_split(inputs["chat"].path, "train"), seq_len)
     val_ex, _ = encode_rows(tok, read_split(inputs["chat"].path, "val"), seq_len)
     if not train_ex:
         raise StageError(f"sft: no usable train conversations in {inputs['chat'].path} (dropped: {dropped}); "
                          f"check the instruct stage or raise seq_len")
-    loader = ChatLoader(train_ex, seq_len, cfg.batch_size, tok.pad_id, cfg.pack, ctx.seed)
-    val_rows = pack_rows(val_ex, np.arange(len(val_ex)), seq_len, tok.pad_id, cfg.pack)
-    eval_prompts = pick_heldout(read_split(inputs["prompts"].path, "val"), cfg.eval_per_task)
-    shot_pool = read_split(inputs["prompts"].path, "train")
+    return {"train_ex": train_ex, "val_ex": val_ex, "dropped": dropped,
+            "loader": ChatLoader(train_ex, seq_len, cfg.batch_size, tok.pad_id, cfg.pack, seed),
+            "val_rows": pack_rows(val_ex, np.arange(len(val_ex)), seq_len, tok.pad_id, cfg.pack),
+            "eval_prompts": pick_heldout(read_split(inputs["prompts"].path, "val"), cfg.eval_per_task),
+            "shot_pool": read_split(inputs["prompts"].path, "train")}
 
+
+def pick_samples(rows: list[dict[str, Any]], completions: list[str], n: int = 12) -> list[dict[str, Any]]:
+    """At least one completion of every task, and the first n overall, for the report."""
+    samples, seen = [], set()
+    for row, completion in zip(rows, completions):
+        if row["task"] not in seen or len(samples) < n:
+            seen.add(row["task"])
+            samples.append({"task": row["task"], "prompt": row["prompt"][-1]["content"], "completion": completion,
+                            "answer": row["answer"]})
+    return samples
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, val_loss: float, tokens_per_s: float,
+              eval_prompts: list[dict[str, Any]], acc: dict[str, float], base_acc: dict[str, float],
+              majority_acc: dict[str, float], samples: list[dict[str, Any]], curve: list[dict[str, Any]]) -> StageResult:
+    """Headline metrics (acc/<task> with its base_ and majority_ baselines), the accuracy table and
+    the markdown summary, from what the run measured."""
+    metrics: dict[str, float] = {"val_loss": val_loss, "steps": float(step), "tokens_per_s": tokens_per_s,
+                                 "trainable_params": float(derived["trainable_params"]), **acc,
+                                 **{f"base_{k}": v for k, v in base_acc.items()},
+                                 **({f"majority_{k}": v for k, v in majority_acc.items()} if acc else {})}
+    table, md = accuracy_table({"most common answer": majority_acc, "base (few-shot)": base_acc, "sft": acc}, eval_prompts)
+    lora = f" (LoRA r={cfg.lora_r} on {derived['lora_layers']} layers)" if derived["lora_layers"] else ""
+    lines = [f"SFT: {step} of {derived['total_steps']} steps ({stop}), {derived['trainable_params'] / 1e6:.2f}M trainable "
+             f"params{lora}, val loss {val_loss:.4f}.", ""]
+    if table:
+        lines += [f"Held-out accuracy (greedy; base: {cfg.base_shots}-shot {cfg.base_shot_format}):", "", md, "", "Samples:", ""]
+        lines += [f"- [{s['task']}] {s['prompt']!r} -> {s['completion']!r} (answer {s['answer']!r})" for s in samples]
+    return StageResult(
+        outputs={"sft": {"params": derived["params"], "steps": step, "val_loss": val_loss, "acc": metrics.get("acc")}},
+        metrics=metrics, summary="\n".join(lines), tables={"eval": table, "eval_curve": curve, "samples": samples},
+        warnings=budget_warnings("sft", stop, step, derived["total_steps"], cfg.max_minutes),
+    )
+
+
+# -- the stage -------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
+    log = ctx.logger
+    # setup, and the base model with its tokenizer
+    rt = setup_runtime(ctx)
+    device, autocast = rt.device, rt.autocast
+    base_dir, tok, model = open_model_input(inputs, "base", "sft", device)
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+
+    # data
+    data = load_data(cfg, tok, inputs, seq_len, ctx.seed)
+    loader, val_rows, eval_prompts = data["loader"], data["val_rows"], data["eval_prompts"]
     steps_per_epoch = math.ceil(len(loader.rows(0)) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    train_tokens = sum(sum(t != IGNORE for t in y) for _, y in train_ex)
     derived = {
-        "seq_len": seq_len, "train_conversations": len(train_ex), "val_conversations": len(val_ex),
-        "dropped": dropped, "rows_per_epoch": len(loader.rows(0)), "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps, "assistant_tokens_per_epoch": train_tokens,
-        "eval_prompts": len(eval_prompts), "device": str(device),
+        "seq_len": seq_len, "train_conversations": len(data["train_ex"]), "val_conversations": len(data["val_ex"]),
+        "dropped": data["dropped"], "rows_per_epoch": len(loader.rows(0)), "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps, "assistant_tokens_per_epoch": sum(sum(t != IGNORE for t in y) for _, y in data["train_ex"]),
+        "eval_prompts": len(eval_prompts), "device": str(device), "params": model.num_params(),
     }
 
-    # LoRA: freeze the base, train adapters only
-    derived["params"] = model.num_params()
+    # LoRA: freeze the base, train adapters only; then the optimizer
     try:
         lora_layers = apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_r else []
     except ValueError as e:
@@ -316,57 +334,48 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     derived["lora_layers"] = len(lora_layers)
     log.info("sft: %s", json.dumps(derived))
     ctx.tracker.log_params({"derived": derived})
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
 
     # resume, or score the base model before any step changes it
-    step, elapsed_s, curve, base_metrics = 0, 0.0, [], {}
-    resumed = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
-    if resumed is not None:
-        found, meta = resumed
-        loader.load_state_dict(meta["loader"])
-        step, elapsed_s, curve, base_metrics = meta["step"], meta["elapsed_s"], meta["curve"], meta["base_metrics"]
-        log.info("sft: resumed from %s at step %d", found, step)
+    step, curve, base_acc = 0, [], {}
+    ck = resume(ctx, model, optimizer, device)
+    if ck is not None:
+        loader.load_state_dict(ck["loader"])
+        step, curve, base_acc = ck["step"], ck["curve"], ck["base_metrics"]
     elif eval_prompts:
         ctx.progress(0, 1, "base model few-shot eval")
         with autocast:
-            base_metrics = few_shot_base_eval(model, tok, eval_prompts, shot_pool, cfg.base_shots, cfg.base_shot_format,
-                                              cfg.max_new_tokens, cfg.eval_batch_size, ctx.seed)
+            base_acc = few_shot_base_eval(model, tok, eval_prompts, data["shot_pool"], cfg.base_shots, cfg.base_shot_format,
+                                          cfg.max_new_tokens, cfg.eval_batch_size, ctx.seed)
         ctx.progress(1, 1, "base model few-shot eval")
-        ctx.tracker.log_metrics({f"base_{k}": v for k, v in base_metrics.items()})
+        ctx.tracker.log_metrics({f"base_{k}": v for k, v in base_acc.items()})
 
-    def save_checkpoint() -> None:
-        checkpoints.save(ctx.checkpoint_dir, step, model.state_dict(), optimizer.state_dict(),
-                         {"loader": loader.state_dict(), "elapsed_s": elapsed_s, "curve": curve,
-                          "base_metrics": base_metrics, "config": asdict(cfg)}, keep=cfg.keep_checkpoints)
+    def ck_meta() -> dict[str, Any]:
+        return {"loader": loader.state_dict(), "elapsed_s": clock.seconds, "curve": curve, "base_metrics": base_acc,
+                "config": asdict(cfg)}
 
     # the loop: evaluate, stop or take one optimizer step, checkpoint
     model.train()
-    train_loss, val_loss, stopped_by = None, float("nan"), "max_steps"
-    loss_acc, n_acc, tokens_log = torch.zeros((), device=device), 0, 0
-    t_start, elapsed_start, t_log = time.perf_counter(), elapsed_s, time.perf_counter()
-    run_tokens, train_time_s = 0, 0.0
+    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    train_loss, val_loss = None, float("nan")
+    loss_acc, n_acc, tokens_log, run_tokens = torch.zeros((), device=device), 0, 0, 0
     while True:
-        elapsed_s = elapsed_start + time.perf_counter() - t_start
-        out_of_time = elapsed_s > 60 * cfg.max_minutes
-        last = step >= total_steps or out_of_time
+        last = step >= total_steps or clock.over(cfg.max_minutes)
         if (step % cfg.eval_every == 0 or last) and len(val_rows):
-            val_loss = eval_loss(model, val_rows, cfg.batch_size, cfg.pack, device, autocast)
-            ctx.tracker.log_metrics({"val/loss": val_loss}, step=step)
-            curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+            with clock.paused():
+                val_loss = eval_loss(model, val_rows, cfg.batch_size, cfg.pack, device, autocast)
+                ctx.tracker.log_metrics({"val/loss": val_loss}, step=step)
+                curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
         if last:
-            stopped_by = "max_minutes" if step < total_steps else "max_steps"
             break
 
-        t0 = time.perf_counter()
-        lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
+                                                      cfg.decay_ratio))
         x, y, docs = to_batch(loader.next_rows(), device)  # (B, T) each
         with autocast:
             _, loss = model(x, y, doc_ids=docs if cfg.pack else None)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -374,79 +383,39 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         n_acc += 1
         tokens_log += x.numel()
         run_tokens += x.numel()
-
         if step % cfg.log_every == 0 or step == total_steps:
             train_loss = (loss_acc / n_acc).item()
             loss_acc.zero_()
             n_acc = 0
-            now = time.perf_counter()
-            tok_s = tokens_log / max(1e-9, now - t_log)
-            t_log, tokens_log = now, 0
             ctx.tracker.log_metrics({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                                     "train/tokens_per_s": tok_s, "train/epoch": loader.epoch}, step=step)
+                                     "train/tokens_per_s": clock.lap(tokens_log), "train/epoch": loader.epoch}, step=step)
+            tokens_log = 0
             ctx.progress(step, total_steps, "sft", loss=train_loss, val_loss=val_loss)
-        train_time_s += time.perf_counter() - t0
-        if step % cfg.ckpt_every == 0:
-            elapsed_s = elapsed_start + time.perf_counter() - t_start
-            save_checkpoint()
+        checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
 
     # a final checkpoint (a crash during evaluation or export resumes here), then merge and evaluate
-    if step % cfg.ckpt_every != 0:
-        save_checkpoint()
+    checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
     if lora_layers:
         merge_lora(model)
     model.eval()
-    metrics: dict[str, float] = {"val_loss": val_loss, "steps": float(step),
-                                 "trainable_params": float(derived["trainable_params"]),
-                                 "tokens_per_s": run_tokens / train_time_s if train_time_s > 0 else 0.0}
-    samples: list[dict[str, Any]] = []
+    acc, samples = {}, []
     if eval_prompts:
         ctx.progress(0, 1, "sft model eval")
         with autocast:
             completions = generate_answers(model, tok, [r["prompt"] for r in eval_prompts], cfg.max_new_tokens,
                                            cfg.eval_batch_size)
         ctx.progress(1, 1, "sft model eval")
-        metrics.update(score(eval_prompts, completions))
-        metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
-        metrics.update({f"majority_{k}": v for k, v in majority_baseline(shot_pool, eval_prompts).items()})
-        seen_tasks: set[str] = set()
-        for row, completion in zip(eval_prompts, completions):
-            if row["task"] not in seen_tasks or len(samples) < 12:
-                seen_tasks.add(row["task"])
-                samples.append({"task": row["task"], "prompt": row["prompt"][-1]["content"], "completion": completion,
-                                "answer": row["answer"]})
-    ctx.tracker.log_metrics(metrics, step=step)
+        acc, samples = score(eval_prompts, completions), pick_samples(eval_prompts, completions)
+    stop = stopped_by(step, total_steps)
+    result = summarize(cfg, derived, step, stop, val_loss, clock.rate(run_tokens), eval_prompts, acc, base_acc,
+                       majority_baseline(data["shot_pool"], eval_prompts) if eval_prompts else {}, samples, curve)
+    ctx.tracker.log_metrics(result.metrics, step=step)
 
-    # save the `sft` model directory
-    out = ctx.output("sft")
-    if out.exists():  # left by an attempt that crashed while writing it
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.save_pretrained(out)
-    tok.save(out, eos_token=IM_END)  # a chat model's turn ends at <|im_end|>
-    export_hf(model, out, out / "hf")
-    run_meta = {"stage": "sft", "base": str(base_dir), "steps": step, "total_steps": total_steps, "stopped_by": stopped_by,
-                "elapsed_s": elapsed_s, "metrics": metrics, "derived": derived, "config": asdict(cfg), "curve": curve}
-    (out / "meta.json").write_text(json.dumps(run_meta, indent=2))
-
-    tasks = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("acc/")})
-    table = [{"task": t, "prompts": sum(r["task"] == t for r in eval_prompts), "majority_acc": metrics[f"majority_acc/{t}"],
-              "base_acc": metrics.get(f"base_acc/{t}"), "acc": metrics[f"acc/{t}"]} for t in tasks]
-    lines = [f"SFT: {step} steps ({stopped_by}), {derived['trainable_params'] / 1e6:.2f}M trainable params"
-             f"{f' (LoRA r={cfg.lora_r} on {len(lora_layers)} layers)' if lora_layers else ''}, val loss {val_loss:.4f}.", ""]
-    if table:
-        lines += [f"Held-out accuracy (greedy; base: {cfg.base_shots}-shot {cfg.base_shot_format}):", "",
-                  "| task | prompts | most common answer | base (few-shot) | sft |", "|---|---|---|---|---|"]
-        lines += [f"| {r['task']} | {r['prompts']} | {r['majority_acc']:.3f} "
-                  f"| {r['base_acc'] if r['base_acc'] is not None else float('nan'):.3f} | {r['acc']:.3f} |" for r in table]
-        lines += ["", "Samples:", ""] + [f"- [{s['task']}] {s['prompt']!r} -> {s['completion']!r} (answer {s['answer']!r})"
-                                         for s in samples]
-    summary = "\n".join(lines)
-    ctx.tracker.log_text(summary, "sft_summary.md")
-    return StageResult(
-        outputs={"sft": {"params": derived["params"], "steps": step, "val_loss": val_loss, "acc": metrics.get("acc")}},
-        metrics=metrics, summary=summary, tables={"eval": table, "eval_curve": curve, "samples": samples},
-    )
+    # save the `sft` model directory: a chat model's turn ends at <|im_end|>
+    out = save_model_dir(model, base_dir, ctx.output("sft"), eos_token=IM_END)
+    write_run_meta(out, "sft", step, total_steps, stop, clock, result.metrics, derived, cfg, curve, base=str(base_dir))
+    ctx.tracker.log_text(result.summary, "sft_summary.md")
+    return result
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, torch.T
     """Returns (model_state, state {optimizer, torch_rng, ...}, meta)."""
     p = Path(path)
     weights = load_file(str(p / "model.safetensors"), device=map_location)
-    state = torch.load(p / "state.pt", map_location=map_location, weights_only=False)
+    # weights_only: optimizer and RNG states are tensors and plain containers, so no pickle of code is ever loaded
+    state = torch.load(p / "state.pt", map_location=map_location, weights_only=True)
     meta = json.loads((p / "meta.json").read_text())
     return weights, state, meta
 

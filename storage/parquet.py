@@ -40,7 +40,7 @@ def write_table(table: pa.Table | list[dict[str, Any]], path: str | Path, kind: 
     """Write one Parquet file atomically, after checking it against the declared schema."""
     schema = _schema(kind)
     if not isinstance(table, pa.Table):
-        table = to_table(table, schema)
+        table = to_table(table, kind)  # the kind, not the schema: its error then names the dataset kind
     elif not table.schema.equals(schema, check_metadata=False):
         try:
             table = table.select(schema.names).cast(schema)

@@ -171,3 +171,23 @@ def few_shot_base_eval(model: GPT, tok: Tokenizer, rows: list[dict[str, Any]], s
     if fmt == "text":
         completions = [c.split("\n", 1)[0].strip() for c in completions]
     return score(rows, completions)
+
+
+def accuracy_table(columns: dict[str, dict[str, float]], rows: list[dict[str, Any]] | None = None
+                   ) -> tuple[list[dict[str, Any]], str]:
+    """The held-out accuracy table every chat stage reports: one row per task, one column per model
+    or baseline. `columns` maps a column name ("most common answer", "sft", "dpo", ...) to its
+    {"acc/<task>": ...} metrics; `rows`, the prompts scored, adds their count per task. Returns the
+    table as dicts (a Prefect table artifact) and as markdown ("-" where a column lacks a task)."""
+    tasks = sorted({k.removeprefix("acc/") for m in columns.values() for k in m if k.startswith("acc/")})
+    counts = Counter((r.get("task") or "all") for r in rows) if rows is not None else None
+    table = [{"task": t, **({"prompts": counts[t]} if counts is not None else {}),
+              **{name: m.get(f"acc/{t}") for name, m in columns.items()}} for t in tasks]
+    if not table:
+        return [], ""
+    names = list(table[0])
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for r in table:
+        lines.append("| " + " | ".join(f"{r[n]:.3f}" if isinstance(r[n], float) else "-" if r[n] is None else str(r[n])
+                                       for n in names) + " |")
+    return table, "\n".join(lines)

@@ -5,7 +5,6 @@
   context are dropped and counted.
 - `BatchOrder`: a seeded permutation per epoch, consumed batch by batch; its state is two integers,
   so a checkpoint resumes the exact data order.
-- `open_model_input`: the input model directory, its tokenizer and model, or a one-line error.
 - `accuracy_by_task`: a pairwise accuracy per task ("pair_acc/arith").
 - `pad_right`, `token_logps`, `sequence_logps`: right-padded batches and per-token / per-sequence
   log-probabilities of the response tokens under a causal LM. Right padding needs no attention
@@ -21,22 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT
 from models.heads import conversation_ids
-from models.tokenizer import Tokenizer
-from stages.contract import StageError
-from storage.artifacts import Artifact
 from storage.parquet import iter_rows
-
-
-def open_model_input(inputs: dict[str, Artifact], name: str, stage: str,
-                     device: str | torch.device = "cpu") -> tuple[Path, Tokenizer, GPT]:
-    """The model directory of input `name`, its tokenizer and its GPT; a one-line StageError naming the
-    stage and the directory when it is not a model directory."""
-    d = Path(inputs[name].path)
-    if not (d / "config.json").is_file() or not (d / "tokenizer.json").is_file():
-        raise StageError(f"{stage}: {d} is not a model directory (config.json + tokenizer.json); rebuild the {name} stage")
-    return d, Tokenizer.load(d), GPT.from_pretrained(d, device=device)
 
 
 @dataclass

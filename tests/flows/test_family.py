@@ -189,3 +189,26 @@ def test_stage_cli_keeps_checkpoints_next_to_each_run_dir(tmp_path, calls):
     assert main(square, ["--run-dir", str(tmp_path / "b"), "--inputs", str(tmp_path / "i.json")]) == 0
     result = json.loads((tmp_path / "result.json").read_text()) if (tmp_path / "result.json").exists() else None
     assert (tmp_path / "b.ckpt").is_dir() and result is not None and result["metrics"]["resumed_from"] == 0.0
+
+
+def test_a_stage_warning_is_loud_in_the_run_status_and_mlflow(tmp_path, calls, prefect_server, capsys):
+    """A trainer whose time cap fired returns `stopped_by: max_minutes: ...`: the run prints it, `family
+    status` shows it under the stage (and in --json), and the stage's MLflow run carries it as a tag."""
+    from mlflow.tracking import MlflowClient
+
+    home = tmp_path / "home"
+    warning = "stopped_by: max_minutes: square stopped at step 3 of 5 after the 1-minute safety cap"
+    capsys.readouterr()
+    run_flow(home, f"square.warn={warning}")
+    assert f"! square     WARNING {warning}" in capsys.readouterr().err
+    args = ["--recipe", TOY, "--home", str(home), "--set", f"square.warn={warning}"]
+    assert cli(["status", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(lines) if " square " in line)
+    assert lines[i + 1].strip() == f"WARNING {warning}"
+    assert cli(["status", "--json", *args]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {s["stage"]: s["warnings"] for s in doc["stages"]} == {"source": [], "square": [warning], "total": []}
+    runs = MlflowClient(Home(home).mlflow_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(Home(home).mlflow_uri).search_experiments()], "tags.stage = 'square'")
+    assert runs and runs[0].data.tags["warnings"] == warning

@@ -70,7 +70,7 @@ def test_short_run_increases_margins_and_accuracy(world, tmp_path):
     ctx = make_ctx(tmp_path)
     cfg = dpo.Config(max_steps=60, batch_size=16, lr=2e-3, beta=0.5, rpo_alpha=0.2, eval_every=30, ckpt_every=30, log_every=10)
     result = dpo.run(cfg, world, ctx)
-    margins = [m for _, m in ctx.tracker.metrics["rewards/margins"]]
+    margins = [m for _, m in ctx.tracker.metrics["train/rewards/margins"]]
     assert margins[-1] > margins[0] and margins[-1] > 0, margins
     curve = result.tables["eval_curve"]
     assert curve[0]["val_pref_acc"] == 0.0  # the policy is the reference: every margin is exactly 0
@@ -82,7 +82,7 @@ def test_short_run_increases_margins_and_accuracy(world, tmp_path):
     heldout = json.loads((out / "meta.json").read_text())["heldout"]  # what grpo reuses instead of re-decoding
     assert heldout["acc"]["acc/say"] == result.metrics["acc/say"] and heldout["sft_acc"]["acc/say"] == result.metrics["sft_acc/say"]
     assert (out / "hf" / "model.safetensors").is_file()
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies"):
+    for key in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracies"):
         assert key in ctx.tracker.metrics
 
 

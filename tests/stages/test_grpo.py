@@ -73,7 +73,7 @@ def test_short_run_learns_the_verifiable_task(world, tmp_path):
     assert m["acc/say"] >= m["start_acc/say"] + 0.5, result.summary
     assert m["sft_acc/say"] == m["start_acc/say"]  # here the "dpo" input is the sft model itself
     assert m["gen_seconds"] > 0 and m["train_seconds"] > 0
-    for key in ("reward/mean", "reward/std", "accuracy", "kl", "completion_len", "clip_frac", "gen_seconds"):
+    for key in ("train/reward/mean", "train/reward/std", "train/accuracy", "train/kl", "train/completion_len", "train/clip_frac", "train/gen_seconds"):
         assert len(ctx.tracker.metrics[key]) == 20
     assert (ctx.output("grpo") / "hf" / "config.json").is_file()
 

@@ -189,7 +189,7 @@ def test_output_loads_with_from_pretrained(trained, corpus):
     assert model.num_params() == result.metrics["params"]
     assert (out / "tokenizer.json").is_file() and (out / "hf" / "config.json").is_file()
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["stopped_by"] == "max_steps" and meta["val_bpb"] == result.metrics["val_bpb"]
+    assert meta["stopped_by"] == "max_steps" and meta["metrics"]["val_bpb"] == result.metrics["val_bpb"]
     # the saved weights give the reported val loss
     val = np.fromfile(Path(corpus["tokens"].path) / "val.bin", dtype=np.uint16)
     starts = pretrain.eval_starts(len(val), 64, TINY["eval_tokens"])

@@ -65,14 +65,3 @@ def test_resume_continues_exactly(world, tmp_path):
 def test_too_few_pairs_is_a_stage_error(world, tmp_path):
     with pytest.raises(StageError, match="batch_size=1000"):
         reward.run(reward.Config(batch_size=1000), {"sft": world["sft"], "prefs": world["prefs"]}, make_ctx(tmp_path))
-
-
-def test_input_that_is_not_a_model_directory_is_one_line(tmp_path):
-    from stages.chat.preference import open_model_input
-    from storage.artifacts import Artifact
-
-    (tmp_path / "sft").mkdir()
-    with pytest.raises(StageError) as e:
-        open_model_input({"sft": Artifact("sft", str(tmp_path / "sft"), "", {})}, "sft", "reward")
-    assert str(e.value) == (f"reward: {tmp_path / 'sft'} is not a model directory (config.json + tokenizer.json); "
-                            "rebuild the sft stage")

@@ -147,7 +147,7 @@ def test_loader_state_round_trips_and_covers_every_conversation_each_epoch():
 
 def test_missing_base_model_is_a_stage_error(tmp_path):
     chat, prompts = task_data(tmp_path)
-    with pytest.raises(StageError, match="no config.json in base model"):
+    with pytest.raises(StageError, match="not a model directory \\(no config.json\\)"):
         sft.run(sft.Config(), inputs_for(tmp_path / "nothing", chat, prompts), make_ctx(tmp_path / "run"))
 
 

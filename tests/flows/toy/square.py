@@ -16,6 +16,7 @@ class Config:
     power: int = 2
     steps: int = 5
     step_sleep_s: float = 0.0
+    warn: str = ""  # a warning the result carries, as a trainer's safety cap that fired does
 
 
 INPUTS = ("numbers",)
@@ -42,7 +43,8 @@ def run(cfg: Config, inputs, ctx: StageContext) -> StageResult:
     squares = [x**cfg.power for x in xs]
     (out / "squares.json").write_text(json.dumps(squares))
     log_call("square")
-    return StageResult(outputs={"squares": {"n": len(xs)}}, metrics={"sum": float(sum(squares)), "resumed_from": float(start), "acc": float(acc)})
+    return StageResult(outputs={"squares": {"n": len(xs)}}, metrics={"sum": float(sum(squares)), "resumed_from": float(start), "acc": float(acc)},
+                       warnings=[cfg.warn] if cfg.warn else [])
 
 
 if __name__ == "__main__":
