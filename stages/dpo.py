@@ -36,10 +36,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +46,10 @@ import torch.nn.functional as F
 from models.gpt import GPT
 from models.hf_export import save_model_dir
 from stages.chat.evaluate import accuracy_table, evaluate_prompts, heldout_key, pick_heldout
-from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, read_pairs, sequence_logps
-from stages.contract import StageContext, StageError, StageResult, main
+from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, sequence_logps, train_val_pairs
+from stages.contract import StageContext, StageResult, main
 from stages.training import (
-    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
     set_lr, setup_runtime, stopped_by, write_run_meta,
 )
 from storage.artifacts import Artifact
@@ -62,42 +61,28 @@ GPU = True
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float = 1.0  # weight of the NLL of the chosen response; 0 = plain DPO
     batch_size: int = 16  # pairs per step
-    # AdamW and the LR schedule (stages/training.py): linear warmup, then constant by default
+    # the policy's knobs (stages/training.TrainConfig: warmup, then a constant lr, as the paper), with DPO's defaults
     lr: float = 2e-4
-    schedule: Literal["cosine", "wsd", "constant"] = "constant"
-    min_lr_ratio: float = 0.1  # cosine and wsd only
-    decay_ratio: float = 0.2  # wsd only
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    # budget: max_steps; max_minutes is a safety cap that stops early (still evaluating and saving) and says so
     max_steps: int = 150
-    max_minutes: float = 15.0
+    ckpt_every: int = 50
     max_len: int = 0  # tokens per sequence; 0 = the model's max_seq_len; longer pairs are dropped
-    log_every: int = 10
     eval_every: int = 50
     eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
     eval_per_task: int = 100  # held-out prompts per task for acc/<task> (as sft chooses them), at the start and the end
     max_new_tokens: int = 96  # greedy answer length for acc/<task> (a worked word problem takes ~80)
-    ckpt_every: int = 50
-    keep_checkpoints: int = 2
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_pairs",
-                     "max_new_tokens"):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_pairs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
-        check_optim_config(self)
+        TrainConfig.validate(self)
         if not 0.0 <= self.label_smoothing < 0.5 or self.rpo_alpha < 0 or self.max_len < 0 or self.eval_per_task < 0:
             raise ValueError("label_smoothing must be in [0, 0.5), rpo_alpha, max_len and eval_per_task >= 0")
 
@@ -181,7 +166,6 @@ def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, ev: di
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
-    log = ctx.logger
     # setup
     rt = setup_runtime(ctx, seed=False)
     device, autocast = rt.device, rt.autocast
@@ -190,36 +174,25 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     max_len = cfg.max_len or policy.cfg.max_seq_len
 
     # data
-    train, train_long = read_pairs(inputs["prefs"].path, "train", tok, max_len)
-    val, val_long = read_pairs(inputs["prefs"].path, "val", tok, max_len)
-    if len(train) < cfg.batch_size or not val:
-        raise StageError(f"dpo: {inputs['prefs'].path} has {len(train)} train and {len(val)} val pairs within {max_len} "
-                         f"tokens; need at least batch_size={cfg.batch_size} train pairs and one val pair")
-    val = val[:: max(1, math.ceil(len(val) / cfg.eval_pairs))]
+    train, val, dropped = train_val_pairs(inputs["prefs"].path, tok, max_len, cfg.batch_size, cfg.eval_pairs, "dpo")
     prompts = pick_heldout(iter_rows(inputs["prompts"].path), cfg.eval_per_task)
     order = BatchOrder(len(train), cfg.batch_size, ctx.seed)
     val_ref_c, val_ref_r = reference_logps(ref, val, cfg.batch_size, tok.pad_id, device, autocast)
     sft_acc = evaluate_prompts(ref, tok, prompts, cfg.max_new_tokens) if prompts else {}
     derived = {"train_pairs": len(train), "val_pairs": len(val), "heldout_prompts": len(prompts),
-               "dropped_too_long": train_long + val_long, "max_len": max_len,
+               "dropped_too_long": dropped, "max_len": max_len,
                "epochs_planned": cfg.max_steps * cfg.batch_size / len(train)}
-    log.info("dpo: %s; sft held-out accuracy %s", json.dumps(derived), json.dumps(sft_acc))
+    ctx.logger.info("dpo: %s; sft held-out accuracy %s", json.dumps(derived), json.dumps(sft_acc))
     ctx.tracker.log_params({"derived": derived})
 
     # optimizer and resume
     policy.train()
-    optimizer = adamw(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    step, curve = 0, []
-    ck = resume(ctx, policy, optimizer, device)
-    if ck is not None:
-        order.load_state_dict(ck["order"])
-        step, curve = ck["step"], ck.get("curve", [])
-
-    def ck_meta() -> dict[str, Any]:
-        return {"order": order.state_dict(), "elapsed_s": clock.seconds, "curve": curve, "config": asdict(cfg)}
+    optimizer = adamw(policy, cfg, device)
+    ck = resume(ctx, policy, optimizer, device, order=order)
+    step, curve = ck.get("step", 0), ck.get("curve", [])
 
     # the loop: evaluate, stop or take one step, checkpoint
-    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    clock = Clock(ck.get("elapsed_s", 0.0))
     ev: dict[str, float] = {}
     sums: dict[str, float] = {}
     n_log, run_pairs = 0, 0
@@ -233,8 +206,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         if last:
             break
 
-        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                                      cfg.decay_ratio))
+        lr = set_lr(optimizer, cfg, step, cfg.max_steps)
         batch = [train[i] for i in order.next()]
         with torch.no_grad(), autocast:
             ref_c, ref_r, _ = pair_logps(ref, batch, tok.pad_id, device)
@@ -262,10 +234,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             ctx.tracker.log_metrics(metrics, step=step)
             ctx.progress(step, cfg.max_steps, "dpo", loss=metrics["train/loss"], margin=metrics["train/rewards/margins"])
             sums, n_log = {}, 0
-        checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
+        checkpoint(ctx, step, policy, optimizer, cfg, clock, order=order, curve=curve)
 
     # save: a final checkpoint, the held-out accuracy, then the artifact
-    checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    checkpoint(ctx, step, policy, optimizer, cfg, clock, final=True, order=order, curve=curve)
     acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
     stop = stopped_by(step, cfg.max_steps)
     derived["samples_per_s"] = clock.rate(2 * run_pairs)

@@ -66,8 +66,8 @@ import copy
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -81,7 +81,7 @@ from stages.chat.preference import BatchOrder, pad_right, response_mask, token_l
 from stages.chat.verifiers import VERIFIERS, verify
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.training import (
-    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
     set_lr, setup_runtime, stopped_by, write_run_meta,
 )
 from storage.artifacts import Artifact
@@ -93,49 +93,38 @@ GPU = True
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     prompts_per_step: int = 16  # B
     group_size: int = 8  # G samples per prompt
     temperature: float = 1.0
     max_new_tokens: int = 96  # room for a worked two-step word problem; a cut-off completion gets no format bonus
-    # AdamW and the LR schedule (stages/training.py): linear warmup, then constant by default
+    # the policy's knobs (stages/training.TrainConfig: warmup, then a constant lr), with GRPO's defaults
     lr: float = 1e-4
-    schedule: Literal["cosine", "wsd", "constant"] = "constant"
-    min_lr_ratio: float = 0.1  # cosine and wsd only
-    decay_ratio: float = 0.2  # wsd only
     warmup_steps: int = 5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
+    max_steps: int = 40
+    max_minutes: float = 20.0
+    log_every: int = 1
+    ckpt_every: int = 10
     beta: float = 0.04  # KL coefficient (DeepSeekMath)
     clip_eps: float = 0.2
     mu: int = 1  # optimisation iterations per generated batch
     adv_eps: float = 1e-4
     format_weight: float = 0.1
     rm_weight: float = 0.0
-    grad_clip: float = 1.0
-    # budget: max_steps; max_minutes is a safety cap that stops early (still evaluating and saving) and says so
-    max_steps: int = 40
-    max_minutes: float = 20.0
-    log_every: int = 1
-    ckpt_every: int = 10
-    keep_checkpoints: int = 2
     tasks: tuple[str, ...] = ()  # train on the prompts of these tasks only (held-out accuracy still covers all); () = all
     drop_uniform_groups: bool = True  # leave groups whose samples all got the same reward out of the update
     eval_per_task: int = 100  # held-out prompts per task for acc/<task> (as sft chooses them)
     eval_new_tokens: int = 96
 
     def validate(self) -> None:
-        for name in ("prompts_per_step", "max_new_tokens", "mu", "max_steps", "log_every", "ckpt_every",
-                     "keep_checkpoints", "eval_new_tokens"):
+        for name in ("prompts_per_step", "max_new_tokens", "mu", "max_steps", "eval_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare samples of one prompt), got {self.group_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        check_optim_config(self)
+        TrainConfig.validate(self)
         if self.beta < 0 or self.clip_eps <= 0 or self.rm_weight < 0 or self.format_weight < 0 or self.eval_per_task < 0:
             raise ValueError("beta, rm_weight, format_weight, eval_per_task must be >= 0 and clip_eps > 0")
 
@@ -257,7 +246,6 @@ def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, acc: d
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
-    log = ctx.logger
     # setup
     rt = setup_runtime(ctx, seed=False)
     device, autocast = rt.device, rt.autocast
@@ -286,29 +274,21 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             sft_acc = evaluate_prompts(open_model_input(inputs, "sft", "grpo", device)[2].eval(), tok, val, cfg.eval_new_tokens)
     derived = {"train_prompts": len(train), "val_prompts": len(val), "samples_per_step": cfg.prompts_per_step * cfg.group_size,
                "epochs_planned": cfg.max_steps * cfg.prompts_per_step / len(train)}
-    log.info("grpo: %s; start held-out accuracy %s", json.dumps(derived), json.dumps(start_acc))
+    ctx.logger.info("grpo: %s; start held-out accuracy %s", json.dumps(derived), json.dumps(start_acc))
     ctx.tracker.log_params({"derived": derived})
 
     # optimizer and resume
     policy.train()
-    optimizer = adamw(policy, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    step, gen_total, train_total = 0, 0.0, 0.0
-    curve: list[dict[str, float]] = []  # one point per step, kept in the checkpoints
-    ck = resume(ctx, policy, optimizer, device)
-    if ck is not None:
-        order.load_state_dict(ck["order"])
-        step, gen_total, train_total, curve = ck["step"], ck["gen_seconds"], ck["train_seconds"], ck["curve"]
-
-    def ck_meta() -> dict[str, Any]:
-        return {"order": order.state_dict(), "elapsed_s": clock.seconds, "gen_seconds": gen_total,
-                "train_seconds": train_total, "curve": curve, "config": asdict(cfg)}
+    optimizer = adamw(policy, cfg, device)
+    ck = resume(ctx, policy, optimizer, device, order=order)
+    step, gen_total, train_total = ck.get("step", 0), ck.get("gen_seconds", 0.0), ck.get("train_seconds", 0.0)
+    curve: list[dict[str, float]] = ck.get("curve", [])  # one point per step, kept in the checkpoints
 
     # the loop: sample, reward, mu updates, checkpoint
-    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    clock = Clock(ck.get("elapsed_s", 0.0))
     G = cfg.group_size
     while not (step >= cfg.max_steps or clock.over(cfg.max_minutes)):
-        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                                      cfg.decay_ratio))
+        lr = set_lr(optimizer, cfg, step, cfg.max_steps)
         # 1. generate B*G completions; the sampler's seed depends on (seed, step) only, so a resumed run samples the same
         t0 = time.perf_counter()
         idx = order.next()
@@ -339,10 +319,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             ctx.tracker.log_metrics({f"train/{k}": v for k, v in point.items()}, step=step)
             ctx.progress(step, cfg.max_steps, "grpo", reward=point["reward/mean"], acc=point["accuracy"])
-        checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
+        checkpoint(ctx, step, policy, optimizer, cfg, clock, order=order, curve=curve, gen_seconds=gen_total,
+                   train_seconds=train_total)
 
     # save: a final checkpoint, the held-out accuracy, then the artifact
-    checkpoint(ctx, step, policy, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    checkpoint(ctx, step, policy, optimizer, cfg, clock, final=True, order=order, curve=curve, gen_seconds=gen_total,
+               train_seconds=train_total)
     acc = evaluate_prompts(policy, tok, val, cfg.eval_new_tokens) if val else {}
     stop = stopped_by(step, cfg.max_steps)
     result = summarize(cfg, derived, step, stop, acc, start_acc, sft_acc, curve, gen_total, train_total)

@@ -35,7 +35,7 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +50,7 @@ from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.training import (
-    Clock, adamw, all_ranks_max, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, resume,
+    Clock, TrainConfig, adamw, all_ranks_max, budget_warnings, checkpoint, clip_gradients, resume,
     set_lr, setup_runtime, stopped_by, write_run_meta,
 )
 from storage.artifacts import Artifact
@@ -61,7 +61,7 @@ GPU = True
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     # model; vocab_size comes from the tokens' meta.json, head_dim and d_ff are derived by GPTConfig
     d_model: int = 128
     n_layers: int = 4
@@ -72,28 +72,17 @@ class Config:
     # batch: tokens per optimizer step = batch_size * grad_accum * seq_len * world_size
     batch_size: int = 16
     grad_accum: int = 1
-    # AdamW and the LR schedule (stages/training.py)
+    # the policy's knobs (stages/training.TrainConfig), with pretraining's defaults: cosine from 3e-3 over a
+    # step budget of max_steps (or max_tokens // tokens per step when > 0), decay on matrices
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    decay_ratio: float = 0.2  # wsd only: the last fraction of steps decays linearly
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    # budget: the schedule runs over max_steps (or max_tokens // tokens per step when > 0);
-    # max_minutes is a safety cap: it stops training early (still evaluating and saving) and says so
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 30
     max_steps: int = 500
-    max_tokens: int = 0
     max_minutes: float = 60.0
-    # cadence
-    log_every: int = 10
+    max_tokens: int = 0
     eval_every: int = 100
     eval_tokens: int = 65536  # val tokens per evaluation (all of val when smaller)
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
     # CUDA only
     compile: bool = False
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU for MFU (H100 SXM)
@@ -104,12 +93,10 @@ class Config:
     def validate(self) -> None:
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"d_model ({self.d_model}) must divide by n_heads ({self.n_heads}) and n_heads by n_kv_heads ({self.n_kv_heads})")
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_ratio <= 1.0:
-            raise ValueError("min_lr_ratio must be in [0, 1] and decay_ratio in (0, 1]")
-        check_optim_config(self)
+        TrainConfig.validate(self)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -324,7 +311,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     gcfg = GPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                      n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings)
     raw_model = GPT(gcfg).to(device)
-    optimizer = adamw(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    optimizer = adamw(raw_model, cfg, device)
 
     # derived sizes, logged so the run is self-describing
     derived = derive(cfg, raw_model, len(train), ctx.world_size, device, unigram_bpb(train, val, vocab_size, val_bytes))
@@ -334,11 +321,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         ctx.tracker.log_params({"derived": derived, "model": gcfg.to_dict()})
 
     # resume: weights, optimizer, RNG, loader position, step and the training time spent so far
-    step, tokens_seen, curve = 0, 0, []
-    ck = resume(ctx, raw_model, optimizer, device)
-    if ck is not None:
-        loader.load_state_dict(ck["loader"])
-        step, tokens_seen, curve = ck["step"], ck["tokens_seen"], ck.get("curve", [])
+    ck = resume(ctx, raw_model, optimizer, device, loader=loader)
+    step, tokens_seen, curve = ck.get("step", 0), ck.get("tokens_seen", 0), ck.get("curve", [])
     model: torch.nn.Module = raw_model
     if rt.cuda and cfg.compile:
         model = torch.compile(model)
@@ -346,15 +330,11 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     if rt.ddp:
         model = DDP(model, device_ids=[device.index] if rt.cuda else None)
 
-    def ck_meta() -> dict[str, Any]:
-        return {"loader": loader.state_dict(), "tokens_seen": tokens_seen, "elapsed_s": clock.seconds, "curve": curve,
-                "model": gcfg.to_dict(), "config": asdict(cfg)}
-
     def mfu(tok_s: float) -> float | None:
         return flops_per_token * tok_s / (cfg.peak_tflops * 1e12 * ctx.world_size) if rt.cuda else None
 
     # the loop: evaluate, stop or take one optimizer step, checkpoint
-    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    clock = Clock(ck.get("elapsed_s", 0.0))
     train_loss, val_loss, samples = None, float("nan"), ""
     run_tokens, tokens_log = 0, 0  # this process's share of this run, for tokens/s
     loss_acc, n_acc = torch.zeros((), device=device), 0  # train loss summed over the steps since the last log
@@ -373,7 +353,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         if last:
             break
 
-        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_ratio))
+        lr = set_lr(optimizer, cfg, step, total_steps)
         for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
@@ -409,10 +389,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             if ctx.is_main:
                 ctx.tracker.log_metrics(metrics, step=step)
                 ctx.progress(step, total_steps, "pretrain", loss=train_loss)
-        checkpoint(ctx, step, raw_model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
+        checkpoint(ctx, step, raw_model, optimizer, cfg, clock, loader=loader, tokens_seen=tokens_seen, curve=curve,
+                   gpt_config=gcfg.to_dict())
 
     # save: a final checkpoint (a crash during export resumes here), then the `base` artifact
-    checkpoint(ctx, step, raw_model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    checkpoint(ctx, step, raw_model, optimizer, cfg, clock, final=True, loader=loader, tokens_seen=tokens_seen, curve=curve,
+               gpt_config=gcfg.to_dict())
     tokens_per_s = clock.rate(run_tokens)
     val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
     result = summarize(cfg, derived, step, stopped_by(step, total_steps), tokens_seen, tokens_per_s, train_loss,

@@ -27,20 +27,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from models.heads import RewardModel
 from models.hf_export import save_model_dir
-from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, pad_right, read_pairs
-from stages.contract import StageContext, StageError, StageResult, main
+from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, pad_right, train_val_pairs
+from stages.contract import StageContext, StageResult, main
 from stages.training import (
-    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
     set_lr, setup_runtime, stopped_by, write_run_meta,
 )
 from storage.artifacts import Artifact
@@ -51,36 +50,22 @@ GPU = True
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     batch_size: int = 16  # pairs per step (2 * batch_size sequences)
-    # AdamW and the LR schedule (stages/training.py): linear warmup, then constant by default
+    # the policy's knobs (stages/training.TrainConfig: warmup, then a constant lr), with the reward model's defaults
     lr: float = 3e-5  # small: the likelihood term starts at ~0.94 pair accuracy; 3e-4 lost 4 points of it in 220 steps
-    schedule: Literal["cosine", "wsd", "constant"] = "constant"
-    min_lr_ratio: float = 0.1  # cosine and wsd only
-    decay_ratio: float = 0.2  # wsd only
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    # budget: max_steps; max_minutes is a safety cap that stops early (still evaluating and saving) and says so
     max_steps: int = 300
-    max_minutes: float = 15.0
     max_len: int = 0  # tokens per sequence; 0 = the backbone's max_seq_len; longer pairs are dropped
-    log_every: int = 10
     eval_every: int = 100
     eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
-    ckpt_every: int = 100
-    keep_checkpoints: int = 2
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_pairs"):
+        for name in ("batch_size", "max_steps", "eval_every", "eval_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {self.max_len}")
-        check_optim_config(self)
+        TrainConfig.validate(self)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -137,7 +122,6 @@ def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, ev: di
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
-    log = ctx.logger
     # setup
     rt = setup_runtime(ctx, seed=False)
     device, autocast = rt.device, rt.autocast
@@ -145,36 +129,25 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     max_len = cfg.max_len or backbone.cfg.max_seq_len
 
     # data
-    train, train_long = read_pairs(inputs["prefs"].path, "train", tok, max_len)
-    val, val_long = read_pairs(inputs["prefs"].path, "val", tok, max_len)
-    if len(train) < cfg.batch_size or not val:
-        raise StageError(f"reward: {inputs['prefs'].path} has {len(train)} train and {len(val)} val pairs within "
-                         f"{max_len} tokens; need at least batch_size={cfg.batch_size} train pairs and one val pair")
-    val = val[:: max(1, math.ceil(len(val) / cfg.eval_pairs))]  # an evenly spread, fixed subset
+    train, val, dropped = train_val_pairs(inputs["prefs"].path, tok, max_len, cfg.batch_size, cfg.eval_pairs, "reward")
     order = BatchOrder(len(train), cfg.batch_size, ctx.seed)
 
     # model and optimizer
     torch.manual_seed(ctx.seed)
     model = RewardModel(backbone).to(device)
     model.train()
-    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
-    derived = {"train_pairs": len(train), "val_pairs": len(val), "dropped_too_long": train_long + val_long,
+    optimizer = adamw(model, cfg, device)
+    derived = {"train_pairs": len(train), "val_pairs": len(val), "dropped_too_long": dropped,
                "max_len": max_len, "epochs_planned": cfg.max_steps * cfg.batch_size / len(train), "params": model.backbone.num_params()}
-    log.info("reward: %s", json.dumps(derived))
+    ctx.logger.info("reward: %s", json.dumps(derived))
     ctx.tracker.log_params({"derived": derived})
 
     # resume
-    step, curve = 0, []
-    ck = resume(ctx, model, optimizer, device)
-    if ck is not None:
-        order.load_state_dict(ck["order"])
-        step, curve = ck["step"], ck.get("curve", [])
-
-    def ck_meta() -> dict[str, Any]:
-        return {"order": order.state_dict(), "elapsed_s": clock.seconds, "curve": curve, "config": asdict(cfg)}
+    ck = resume(ctx, model, optimizer, device, order=order)
+    step, curve = ck.get("step", 0), ck.get("curve", [])
 
     # the loop: evaluate, stop or take one step, checkpoint
-    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    clock = Clock(ck.get("elapsed_s", 0.0))
     ev: dict[str, float] = {}
     loss_sum, acc_sum, n_log, run_pairs = 0.0, 0.0, 0, 0
     while True:
@@ -187,8 +160,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         if last:
             break
 
-        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, cfg.max_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                                      cfg.decay_ratio))
+        lr = set_lr(optimizer, cfg, step, cfg.max_steps)
         batch = [train[i] for i in order.next()]
         with autocast:
             rc, rr = pair_rewards(model, batch, tok.pad_id, device)
@@ -208,10 +180,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             ctx.tracker.log_metrics(metrics, step=step)
             ctx.progress(step, cfg.max_steps, "reward", loss=metrics["train/loss"], acc=metrics["train/pair_acc"])
             loss_sum, acc_sum, n_log = 0.0, 0.0, 0
-        checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
+        checkpoint(ctx, step, model, optimizer, cfg, clock, order=order, curve=curve)
 
     # save: a final checkpoint, then the artifact
-    checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, order=order, curve=curve)
     stop = stopped_by(step, cfg.max_steps)
     derived["samples_per_s"] = clock.rate(2 * run_pairs)
     result = summarize(cfg, derived, step, stop, ev, curve)

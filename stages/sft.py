@@ -40,7 +40,7 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -53,7 +53,7 @@ from models.tokenizer import IM_END, Tokenizer
 from stages.chat.evaluate import accuracy_table, few_shot_base_eval, generate_answers, majority_baseline, pick_heldout, score
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.training import (
-    Clock, adamw, budget_warnings, check_optim_config, checkpoint, clip_gradients, lr_multiplier, open_model_input, resume,
+    Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
     set_lr, setup_runtime, stopped_by, write_run_meta,
 )
 from storage.artifacts import Artifact
@@ -66,37 +66,26 @@ IGNORE = -100
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(TrainConfig):
     # data: rows of seq_len tokens (0: the base model's max_seq_len), several conversations per row
     seq_len: int = 0
     pack: bool = True
     batch_size: int = 16  # rows per optimizer step
-    # AdamW and the LR schedule (stages/training.py)
+    # the policy's knobs (stages/training.TrainConfig), with SFT's defaults: cosine from 1e-3 over max_steps,
+    # or `epochs` passes over the packed train rows when max_steps is 0
     lr: float = 1e-3
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    decay_ratio: float = 0.2  # wsd only
     warmup_steps: int = 20
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
-    # budget: max_steps, or epochs over the packed train rows when max_steps is 0; max_minutes is a
-    # safety cap that stops early and says so
-    epochs: float = 3.0
     max_steps: int = 0
     max_minutes: float = 30.0
+    ckpt_every: int = 200
+    epochs: float = 3.0
     # LoRA: lora_r = 0 is a full fine-tune
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    # cadence
-    log_every: int = 10
     eval_every: int = 100
-    ckpt_every: int = 200
-    keep_checkpoints: int = 2
     # held-out task accuracy: greedy decoding of at most eval_per_task val prompts per task
     eval_per_task: int = 100
     max_new_tokens: int = 96  # a worked two-step word problem takes ~80 tokens
@@ -105,18 +94,15 @@ class Config:
     base_shot_format: Literal["text", "chat"] = "text"
 
     def validate(self) -> None:
-        for name in ("batch_size", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "eval_per_task",
-                     "max_new_tokens", "eval_batch_size"):
+        for name in ("batch_size", "eval_every", "eval_per_task", "max_new_tokens", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "max_steps", "warmup_steps", "lora_r", "base_shots"):
+        for name in ("seq_len", "lora_r", "base_shots"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.epochs <= 0:
             raise ValueError("give epochs > 0 or max_steps > 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_ratio <= 1.0:
-            raise ValueError("min_lr_ratio must be in [0, 1] and decay_ratio in (0, 1]")
-        check_optim_config(self)
+        TrainConfig.validate(self)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -334,15 +320,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     derived["lora_layers"] = len(lora_layers)
     log.info("sft: %s", json.dumps(derived))
     ctx.tracker.log_params({"derived": derived})
-    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.adam_eps, device)
+    optimizer = adamw(model, cfg, device)
 
     # resume, or score the base model before any step changes it
-    step, curve, base_acc = 0, [], {}
-    ck = resume(ctx, model, optimizer, device)
-    if ck is not None:
-        loader.load_state_dict(ck["loader"])
-        step, curve, base_acc = ck["step"], ck["curve"], ck["base_metrics"]
-    elif eval_prompts:
+    ck = resume(ctx, model, optimizer, device, loader=loader)
+    step, curve, base_acc = ck.get("step", 0), ck.get("curve", []), ck.get("base_metrics", {})
+    if not ck and eval_prompts:
         ctx.progress(0, 1, "base model few-shot eval")
         with autocast:
             base_acc = few_shot_base_eval(model, tok, eval_prompts, data["shot_pool"], cfg.base_shots, cfg.base_shot_format,
@@ -350,13 +333,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         ctx.progress(1, 1, "base model few-shot eval")
         ctx.tracker.log_metrics({f"base_{k}": v for k, v in base_acc.items()})
 
-    def ck_meta() -> dict[str, Any]:
-        return {"loader": loader.state_dict(), "elapsed_s": clock.seconds, "curve": curve, "base_metrics": base_acc,
-                "config": asdict(cfg)}
-
     # the loop: evaluate, stop or take one optimizer step, checkpoint
     model.train()
-    clock = Clock(ck["elapsed_s"] if ck else 0.0)
+    clock = Clock(ck.get("elapsed_s", 0.0))
     train_loss, val_loss = None, float("nan")
     loss_acc, n_acc, tokens_log, run_tokens = torch.zeros((), device=device), 0, 0, 0
     while True:
@@ -369,8 +348,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         if last:
             break
 
-        lr = set_lr(optimizer, cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio,
-                                                      cfg.decay_ratio))
+        lr = set_lr(optimizer, cfg, step, total_steps)
         x, y, docs = to_batch(loader.next_rows(), device)  # (B, T) each
         with autocast:
             _, loss = model(x, y, doc_ids=docs if cfg.pack else None)
@@ -391,10 +369,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                                      "train/tokens_per_s": clock.lap(tokens_log), "train/epoch": loader.epoch}, step=step)
             tokens_log = 0
             ctx.progress(step, total_steps, "sft", loss=train_loss, val_loss=val_loss)
-        checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints)
+        checkpoint(ctx, step, model, optimizer, cfg, clock, loader=loader, curve=curve, base_metrics=base_acc)
 
     # a final checkpoint (a crash during evaluation or export resumes here), then merge and evaluate
-    checkpoint(ctx, step, model, optimizer, ck_meta(), cfg.ckpt_every, cfg.keep_checkpoints, final=True)
+    checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, loader=loader, curve=curve, base_metrics=base_acc)
     if lora_layers:
         merge_lora(model)
     model.eval()

@@ -5,13 +5,14 @@ each trainer (pretrain, sft, reward, dpo, grpo, ...) keeps its loop inline in it
 to bottom, and takes every decision that must be the same in all of them from here, as small
 functions, so a fix lands in every trainer at once:
 
+- `TrainConfig`: the knobs below, which every trainer's Config extends (re-declaring its defaults).
 - `setup_runtime(ctx)`: the device, the autocast context (bf16 on CUDA, none on CPU), TF32 on CUDA,
   and the process group when torchrun started several processes.
-- `adamw(model, lr, weight_decay, betas, eps, device)`: AdamW (Loshchilov & Hutter 2019) over the
+- `adamw(model, cfg, device)`: AdamW (Loshchilov & Hutter 2019) over the
   trainable parameters, whose groups never decay a 1-D parameter (norm gains, biases): decay pulls a
   gain towards 0, which changes what the layer computes rather than regularising it (nanoGPT,
   GPT-3, Llama decay matrices only).
-- `lr_multiplier(step, total, warmup, schedule, min_ratio, decay_ratio)`: linear warmup, then
+- `lr_multiplier(step, total, warmup, schedule, min_ratio, decay_ratio)` (`set_lr` applies it): linear warmup, then
   "cosine" (to min_ratio), "wsd" (warmup-stable-decay: constant, then linear to min_ratio over the
   last decay_ratio of the steps; Hu et al. 2024, MiniCPM) or "constant".
 - `clip_gradients(params, max_norm)`: clips the global L2 norm (0 = no clipping) and returns the
@@ -41,7 +42,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,52 @@ from storage import checkpoints
 from storage.artifacts import Artifact
 
 SCHEDULES = ("cosine", "wsd", "constant")
+
+
+# -- the knobs -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The policy's knobs, the same in every trainer: each trainer's Config extends this and
+    re-declares only the defaults it changes (pretrain: lr 3e-3, cosine, weight decay 0.1; ...)."""
+
+    # AdamW
+    lr: float = 1e-4
+    weight_decay: float = 0.0  # on matrices only (param_groups)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+    # the LR schedule: linear warmup, then cosine / wsd / constant (lr_multiplier)
+    schedule: Literal["cosine", "wsd", "constant"] = "constant"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine and wsd: the floor, as a fraction of lr
+    decay_ratio: float = 0.2  # wsd: the last fraction of the steps decays linearly
+    # budget: steps are the contract; max_minutes is a safety cap that ends training early (it still
+    # evaluates and saves) and says so loudly
+    max_steps: int = 100
+    max_minutes: float = 15.0
+    # cadence
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+
+    def validate(self) -> None:
+        """ValueError for a policy knob out of range; every trainer's validate() calls it."""
+        for name in ("log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0) or self.adam_eps <= 0:
+            raise ValueError(f"beta1 and beta2 must be in [0, 1) and adam_eps > 0, got {self.beta1}, {self.beta2}, {self.adam_eps}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup_steps < 0 or self.max_steps < 0:
+            raise ValueError("weight_decay, grad_clip, warmup_steps and max_steps must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 < self.decay_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] and decay_ratio in (0, 1], got {self.min_lr_ratio}, {self.decay_ratio}")
+        if self.max_minutes <= 0:
+            raise ValueError(f"max_minutes (a safety cap) must be > 0, got {self.max_minutes}")
 
 
 # -- device ----------------------------------------------------------------------------------------
@@ -127,13 +174,13 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
     return [g for g in groups if g["params"]]
 
 
-def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
-          device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `model`, 1-D parameters never decayed (fused on CUDA)."""
-    groups = param_groups(model.parameters(), weight_decay)
+def adamw(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model` with the config's lr, betas, eps and weight
+    decay, 1-D parameters never decayed (fused on CUDA)."""
+    groups = param_groups(model.parameters(), cfg.weight_decay)
     if not groups:
         raise StageError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device.type == "cuda")
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
@@ -163,7 +210,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str 
     raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """Set the learning rate of optimizer step `step` of `total_steps` by the config's schedule; returns it."""
+    lr = cfg.lr * lr_multiplier(step, total_steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -176,18 +225,6 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float) -> tor
     if not grads:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
-
-
-def check_optim_config(cfg: Any) -> None:
-    """ValueError for optimizer fields out of range: the shared part of every trainer's validate()."""
-    if cfg.lr <= 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
-    if not (0.0 <= cfg.beta1 < 1.0 and 0.0 <= cfg.beta2 < 1.0) or cfg.adam_eps <= 0:
-        raise ValueError(f"beta1 and beta2 must be in [0, 1) and adam_eps > 0, got {cfg.beta1}, {cfg.beta2}, {cfg.adam_eps}")
-    if cfg.weight_decay < 0 or cfg.grad_clip < 0 or cfg.warmup_steps < 0:
-        raise ValueError("weight_decay, grad_clip and warmup_steps must be >= 0")
-    if cfg.max_minutes <= 0:
-        raise ValueError(f"max_minutes (a safety cap) must be > 0, got {cfg.max_minutes}")
 
 
 # -- the clock -------------------------------------------------------------------------------------
@@ -261,39 +298,51 @@ def budget_warnings(stage: str, stop: str, step: int, total_steps: int, max_minu
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def resume(ctx: StageContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           device: torch.device) -> dict[str, Any] | None:
-    """Load the latest checkpoint of ctx.checkpoint_dir into model and optimizer, restore the RNG, and
-    return its meta (step, elapsed_s, the loader's state, whatever the trainer saved); None when there
-    is none. A checkpoint that does not load is an error naming it: delete it to start over."""
+def resume(ctx: StageContext, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+           **stateful: Any) -> dict[str, Any]:
+    """Load the latest checkpoint of ctx.checkpoint_dir into model and optimizer, restore the RNG and
+    every `stateful` object (a data loader, a batch order: anything with load_state_dict) from the
+    entry of its name; return the checkpoint's meta (step, elapsed_s and what the trainer saved), or
+    {} when there is none. A checkpoint that does not load is an error naming it: delete it to start over.
+
+        ck = resume(ctx, model, optimizer, device, order=order)
+        step, curve, clock = ck.get("step", 0), ck.get("curve", []), Clock(ck.get("elapsed_s", 0.0))
+    """
     try:
         found = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
+        if found is not None:
+            for name, obj in stateful.items():
+                obj.load_state_dict(found[1][name])
     except Exception as e:  # safetensors' SafetensorError, a torch.load error, a state of another shape
         latest = checkpoints.latest(ctx.checkpoint_dir)
         raise StageError(f"{ctx.stage}: checkpoint {latest} does not load ({type(e).__name__}: {str(e)[:200]}); "
                          f"delete it to start from the previous one or from step 0") from None
     if found is None:
-        return None
+        return {}
     path, meta = found
     if ctx.is_main:
         ctx.logger.info("%s: resumed from %s at step %d", ctx.stage, path, meta["step"])
     return meta
 
 
-def checkpoint(ctx: StageContext, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               meta: dict[str, Any], every: int, keep: int, final: bool = False) -> bool:
-    """Save a checkpoint when step % every == 0, or when `final` and the latest one is older than
-    `step` (a crash during evaluation or export then resumes here); keep the last `keep`. Only the
-    main process writes. Returns whether one was written."""
+def checkpoint(ctx: StageContext, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+               clock: Clock, final: bool = False, **state: Any) -> bool:
+    """Save a checkpoint when step % cfg.ckpt_every == 0, or when `final` and the latest one is older
+    than `step` (a crash during evaluation or export then resumes here); keep the last
+    cfg.keep_checkpoints. The meta holds the training seconds, the config and every `state` entry
+    (an object with state_dict() is saved as its state). Only the main process writes. Returns
+    whether one was written."""
     if not ctx.is_main:
         return False
     if final:
         latest = checkpoints.latest(ctx.checkpoint_dir)
         if latest is not None and int(latest.name.removeprefix(checkpoints.PREFIX)) >= step:
             return False
-    elif step % every:
+    elif step % cfg.ckpt_every:
         return False
-    checkpoints.save(ctx.checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, keep=keep)
+    meta = {"elapsed_s": clock.seconds, "config": dataclasses.asdict(cfg),
+            **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}}
+    checkpoints.save(ctx.checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, keep=cfg.keep_checkpoints)
     return True
 
 

@@ -3,6 +3,7 @@
 - `read_pairs`: prefs rows of one split -> token ids of prompt+chosen and prompt+rejected, with a mask
   of the response tokens (the assistant's content and its <|im_end|>); pairs longer than the model's
   context are dropped and counted.
+- `train_val_pairs`: both splits as a trainer needs them, or a one-line error.
 - `BatchOrder`: a seeded permutation per epoch, consumed batch by batch; its state is two integers,
   so a checkpoint resumes the exact data order.
 - `accuracy_by_task`: a pairwise accuracy per task ("pair_acc/arith").
@@ -12,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.heads import conversation_ids
+from stages.contract import StageError
 from storage.parquet import iter_rows
 
 
@@ -48,6 +51,19 @@ def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[li
             continue
         pairs.append(Pair(row["id"], row["prompt"], chosen, rejected, chosen_mask, rejected_mask, row["task"] or ""))
     return pairs, too_long
+
+
+def train_val_pairs(path: str | Path, tok: Any, max_len: int, batch_size: int, eval_pairs: int,
+                    stage: str) -> tuple[list[Pair], list[Pair], int]:
+    """The train pairs, an evenly spread fixed subset of at most eval_pairs val pairs, and how many
+    pairs were dropped as longer than max_len; a StageError when there is not one batch to train on or
+    no val pair to measure."""
+    train, train_long = read_pairs(path, "train", tok, max_len)
+    val, val_long = read_pairs(path, "val", tok, max_len)
+    if len(train) < batch_size or not val:
+        raise StageError(f"{stage}: {path} has {len(train)} train and {len(val)} val pairs within {max_len} tokens; "
+                         f"need at least batch_size={batch_size} train pairs and one val pair")
+    return train, val[:: max(1, math.ceil(len(val) / eval_pairs))], train_long + val_long
 
 
 class BatchOrder:

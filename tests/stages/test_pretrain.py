@@ -6,7 +6,6 @@ trained here with `tokenizers` and written in the `tokenizer` / `tokens` layout 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import hashlib
 import json
 import math
@@ -101,17 +100,6 @@ def trained(corpus, tmp_path_factory):
 
 
 # -- pure functions ------------------------------------------------------------------------------
-
-
-def test_lr_schedule_warmup_cosine_and_wsd():
-    lr = lambda step, sched: pretrain.lr_multiplier(step, 110, 10, sched, 0.1, 0.2)  # noqa: E731
-    assert lr(0, "cosine") == pytest.approx(0.1) and lr(9, "cosine") == pytest.approx(1.0)  # (step+1)/10
-    assert lr(10, "cosine") == pytest.approx(1.0)
-    assert lr(59.5, "cosine") == pytest.approx(0.55)  # halfway through decay: 0.1 + 0.9 * 0.5
-    assert lr(109, "cosine") == pytest.approx(0.1)  # the last step ends at the floor
-    # wsd: flat until the last 22 steps (0.2 * 110), then linear to the floor at step 109
-    assert lr(87, "wsd") == 1.0 and lr(88, "wsd") == pytest.approx(1 - 0.9 / 22)
-    assert lr(109, "wsd") == pytest.approx(0.1)
 
 
 def test_unigram_bpb_matches_hand_computation():
@@ -246,12 +234,6 @@ def test_ddp_two_cpu_processes_with_torchrun(corpus, tmp_path):
     assert result["metrics"]["steps"] == 20 and result["metrics"]["train_tokens_seen"] == 20 * 2 * 8 * 64
     assert result["metrics"]["val_loss"] < math.log(json.loads((Path(corpus["tokens"].path) / "meta.json").read_text())["vocab_size"])
     GPT.from_pretrained(tmp_path / "run" / "out" / "base")
-
-
-def test_config_fields_are_all_used():
-    source = Path(pretrain.__file__).read_text()
-    unused = [f.name for f in dataclasses.fields(pretrain.Config) if f"cfg.{f.name}" not in source]
-    assert unused == []
 
 
 @pytest.mark.slow

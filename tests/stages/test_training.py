@@ -70,12 +70,12 @@ def tiny_gpt() -> GPT:
                          ids=["gpt", "reward_model", "lora"])
 def test_optimizer_never_decays_1d_parameters(make):
     model = make()
-    opt = training.adamw(model, 1e-3, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    opt = training.adamw(model, training.TrainConfig(lr=1e-3, weight_decay=0.1), torch.device("cpu"))
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(trainable)  # every trainable parameter once, frozen ones never
     for g in opt.param_groups:
-        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8
+        assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8  # TrainConfig defaults
         if g["weight_decay"] > 0:
             assert all(p.dim() >= 2 for p in g["params"])
     one_d = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -87,7 +87,7 @@ def test_optimizer_never_decays_1d_parameters(make):
 def test_decay_leaves_a_norm_gain_alone():
     """One AdamW step with zero gradient: decay shrinks a matrix by lr * wd, a gain not at all."""
     model = tiny_gpt()
-    opt = training.adamw(model, 0.1, 0.5, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    opt = training.adamw(model, training.TrainConfig(lr=0.1, weight_decay=0.5), torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -100,7 +100,7 @@ def test_decay_leaves_a_norm_gain_alone():
 def test_no_trainable_parameters_is_a_stage_error():
     model = tiny_gpt().requires_grad_(False)
     with pytest.raises(StageError, match="no trainable parameters"):
-        training.adamw(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, torch.device("cpu"))
+        training.adamw(model, training.TrainConfig(lr=1e-3, weight_decay=0.0), torch.device("cpu"))
 
 
 # -- clipping --------------------------------------------------------------------------------------
@@ -175,48 +175,74 @@ def test_stop_reason_and_the_loud_warning():
 # -- the checkpoint tail ---------------------------------------------------------------------------
 
 
-def test_checkpoint_every_n_keep_k_and_final(tmp_path):
+class Order:
+    """A stand-in for a data loader: its state is one integer."""
+
+    def __init__(self):
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def test_checkpoint_every_n_keep_k_and_final(tmp_path, fake_time):
     ctx = make_ctx(tmp_path)
     model = tiny_gpt()
-    opt = training.adamw(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, torch.device("cpu"))
-    written = [s for s in range(1, 12) if training.checkpoint(ctx, s, model, opt, {"elapsed_s": s}, every=4, keep=2)]
+    opt = training.adamw(model, training.TrainConfig(lr=1e-3, weight_decay=0.0), torch.device("cpu"))
+    cfg, clock = training.TrainConfig(ckpt_every=4, keep_checkpoints=2), training.Clock()
+    written = [s for s in range(1, 12) if training.checkpoint(ctx, s, model, opt, cfg, clock)]
     assert written == [4, 8]
-    assert not training.checkpoint(ctx, 8, model, opt, {}, every=4, keep=2, final=True)  # already there
-    assert training.checkpoint(ctx, 11, model, opt, {"elapsed_s": 11.0}, every=4, keep=2, final=True)
+    assert not training.checkpoint(ctx, 8, model, opt, cfg, clock, final=True)  # already there
+    fake_time.now += 7
+    order = Order()
+    order.position = 5
+    assert training.checkpoint(ctx, 11, model, opt, cfg, clock, final=True, order=order, curve=[{"step": 0}])
     assert sorted(p.name for p in ctx.checkpoint_dir.iterdir()) == ["step-00000008", "step-00000011"]
+    meta = json.loads((ctx.checkpoint_dir / "step-00000011" / "meta.json").read_text())
+    assert meta["elapsed_s"] == 7.0 and meta["order"] == {"position": 5} and meta["curve"] == [{"step": 0}]
+    assert meta["config"]["ckpt_every"] == 4
     not_main = dataclasses.replace(ctx, rank=1)
-    assert not training.checkpoint(not_main, 12, model, opt, {}, every=4, keep=2)
+    assert not training.checkpoint(not_main, 12, model, opt, cfg, clock)
 
 
-def test_resume_restores_weights_optimizer_and_meta(tmp_path):
+def test_resume_restores_weights_optimizer_loader_and_meta(tmp_path, fake_time):
     ctx = make_ctx(tmp_path)
     model = tiny_gpt()
-    opt = training.adamw(model, 1e-2, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
+    opt = training.adamw(model, training.TrainConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
     x = torch.randint(0, 32, (2, 8))
     for _ in range(2):
         model(x, x)[1].backward()
         opt.step()
         opt.zero_grad()
-    training.checkpoint(ctx, 2, model, opt, {"elapsed_s": 3.5, "loader": {"epoch": 1, "position": 7}}, every=1, keep=1)
+    clock = training.Clock()
+    fake_time.now += 3.5
+    order = Order()
+    order.position = 7
+    training.checkpoint(ctx, 2, model, opt, training.TrainConfig(ckpt_every=1, keep_checkpoints=1), clock, order=order)
 
-    fresh = GPT(model.cfg)
-    fresh_opt = training.adamw(fresh, 1e-2, 0.1, (0.9, 0.95), 1e-8, torch.device("cpu"))
-    meta = training.resume(ctx, fresh, fresh_opt, torch.device("cpu"))
-    assert meta["step"] == 2 and meta["elapsed_s"] == 3.5 and meta["loader"] == {"epoch": 1, "position": 7}
+    fresh, fresh_order = GPT(model.cfg), Order()
+    fresh_opt = training.adamw(fresh, training.TrainConfig(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    ck = training.resume(ctx, fresh, fresh_opt, torch.device("cpu"), order=fresh_order)
+    assert ck["step"] == 2 and ck["elapsed_s"] == 3.5 and fresh_order.position == 7
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     # the optimizer moments came back: one more identical step gives identical weights
     for m, o in ((model, opt), (fresh, fresh_opt)):
         m(x, x)[1].backward()
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
-    assert training.resume(make_ctx(tmp_path / "none"), fresh, fresh_opt, torch.device("cpu")) is None
+    assert training.resume(make_ctx(tmp_path / "none"), fresh, fresh_opt, torch.device("cpu")) == {}
 
 
 def test_a_checkpoint_that_does_not_load_is_one_line(tmp_path):
     ctx = make_ctx(tmp_path)
     model = tiny_gpt()
-    opt = training.adamw(model, 1e-3, 0.0, (0.9, 0.95), 1e-8, torch.device("cpu"))
-    training.checkpoint(ctx, 3, model, opt, {}, every=1, keep=1)
+    opt = training.adamw(model, training.TrainConfig(lr=1e-3, weight_decay=0.0), torch.device("cpu"))
+    training.checkpoint(ctx, 3, model, opt, training.TrainConfig(ckpt_every=1), training.Clock())
+    with pytest.raises(StageError, match=r"^test: checkpoint .*step-00000003 does not load \(KeyError"):
+        training.resume(ctx, model, opt, torch.device("cpu"), order=Order())  # saved without an order
     weights = ctx.checkpoint_dir / "step-00000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(StageError, match=r"^test: checkpoint .*step-00000003 does not load .*delete it"):
@@ -292,6 +318,8 @@ def test_every_config_field_is_used(name):
     """torchtune's airtight configs: a field no code reads is a knob that does nothing."""
     module = importlib.import_module(f"stages.{name}")
     source = Path(module.__file__).read_text()
+    if issubclass(module.Config, training.TrainConfig):  # the policy reads some of its own knobs
+        source += Path(training.__file__).read_text()
     unused = [f.name for f in dataclasses.fields(module.Config)
               if not re.search(rf"\b(cfg|self|config)\.{f.name}\b", source)]
     assert unused == [], f"stages/{name}.py: Config fields never read: {unused}"
@@ -307,6 +335,7 @@ def test_trainers_share_the_policy_fields(name):
         assert knob in fields, f"stages/{name}.py: Config has no {knob}"
     assert "max_steps" in fields
     assert fields["max_minutes"] >= 10, "max_minutes is a safety cap, not the budget"
+    assert issubclass(module.Config, training.TrainConfig)
     with pytest.raises(StageError, match="lr must be > 0"):
         from stages.contract import build_config
 
@@ -317,7 +346,7 @@ def test_trainers_share_the_policy_fields(name):
 def test_trainers_import_the_policy_instead_of_copying_it(name):
     source = Path(importlib.import_module(f"stages.{name}").__file__).read_text()
     for copied in ("torch.optim.AdamW(", "clip_grad_norm_(", "checkpoints.save(", "checkpoints.resume(", "def lr_multiplier",
-                   "time.perf_counter() - t_start", "torch.autocast("):
+                   "time.perf_counter() - t_start", "torch.autocast(", "beta1: float", "keep_checkpoints: int"):
         assert copied not in source, f"stages/{name}.py copies {copied!r}: import it from stages/training.py"
     run_src = source[source.index("\ndef run("):source.index('\nif __name__ == "__main__"')]
     assert len(run_src.strip().splitlines()) <= 125, f"stages/{name}.py: run() is {len(run_src.splitlines())} lines"
