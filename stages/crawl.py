@@ -15,16 +15,22 @@ Sources (`source`):
   served by stages/web/pydoc_server.py on 127.0.0.1 in a subprocess and crawled by the same
   crawler with that host allowed. Its own server needs no politeness (delay 0) and its index
   links every page (depth 1). Page URLs are rewritten from the server's random port to the stable
-  PYDOC_ORIGIN, so two crawls give the same URLs and bytes.
+  PYDOC_ORIGIN and fetched_at is the fixed PYDOC_FETCHED_AT, so two crawls on the same Python give
+  the same `pages`, byte for byte (the server makes its pages deterministic, see its docstring),
+  and what follows the crawl keeps its fingerprints. Nothing is reused from earlier crawls: the
+  server renders every page at start anyway, and a page kept from a crawl of other modules
+  could differ from this crawl's (a package's page depends on which of its submodules are loaded).
 - warc: WARC/ARC files or folders of them (stages/web/warc.py).
 - local: txt, md, html, jsonl, parquet files or folders (stages/web/local.py).
 
-Incremental (web, pydoc): pages fetched earlier are kept in ctx.state_dir/{web,pydoc-3.X}/ as
-Parquet shards. A rerun reuses a known page without fetching it (its links come from the stored
-body) unless `refetch`; seeds are always fetched again, since that is where new links appear.
-The output holds every page this crawl reached, reused or new, so a later crawl with more seeds
-or a larger max_pages outputs the old pages plus the new ones. `max_pages` caps network fetches
-per crawl; reused pages do not count against it.
+Incremental (web): pages fetched earlier are kept in ctx.state_dir/web/ as Parquet shards. A
+rerun reuses a known page without fetching it (its links come from the stored body) unless
+`refetch`; seeds are always fetched again, since that is where new links appear. A page fetched
+again with the same bytes keeps its stored row, fetched_at included, so a crawl that found
+nothing new writes the same `pages` and what follows it is reused (downstream fingerprints hash
+the pages' bytes). The output holds every page this crawl reached, reused or new, so a later
+crawl with more seeds or a larger max_pages outputs the old pages plus the new ones. `max_pages`
+caps network fetches per crawl; reused pages do not count against it.
 
 Deviations: robots.txt that cannot be fetched (5xx, timeout) disallows the whole origin, as the
 RFC asks, rather than the "try again later" of large crawlers; no conditional requests
@@ -42,6 +48,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -61,6 +68,8 @@ NETWORK = True
 INPUT_FILES = ("paths",)  # WARC and local sources: their content is part of the fingerprint
 
 PYDOC_ORIGIN = f"http://pydoc.localhost/{sys.version_info.major}.{sys.version_info.minor}/"
+# pydoc pages are a function of the Python and the module list, not of the time they were fetched
+PYDOC_FETCHED_AT = datetime(1970, 1, 1, tzinfo=timezone.utc)
 ROWS_PER_SHARD = 500  # pages are up to max_bytes each: keep a shard to a few tens of MB
 
 
@@ -156,6 +165,13 @@ class PageStore:
             shard.unlink()
 
 
+def _unchanged(row: dict[str, Any], known: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The stored row for a page fetched again with the same response, else the new row."""
+    old = known.get(row["url"])
+    same = old is not None and all(old[k] == row[k] for k in ("final_url", "status", "content_type", "sha256"))
+    return old if same else row
+
+
 def _rebase(row: dict[str, Any], old: str, new: str) -> dict[str, Any]:
     """The row with URLs under `old` moved under `new` (the pydoc server's port changes per run)."""
     def move(url: str) -> str:
@@ -189,7 +205,7 @@ def crawl_http(cfg: Config, seeds: list[str], known: dict[str, dict[str, Any]], 
     )
 
 
-def crawl_pydoc(cfg: Config, known: dict[str, dict[str, Any]], ctx: StageContext) -> CrawlResult:
+def crawl_pydoc(cfg: Config, ctx: StageContext) -> CrawlResult:
     """Serve the standard-library docs on 127.0.0.1 and crawl them with the real crawler."""
     try:
         modules = select_modules(cfg.pydoc_modules, cfg.pydoc_max_modules)
@@ -197,12 +213,11 @@ def crawl_pydoc(cfg: Config, known: dict[str, dict[str, Any]], ctx: StageContext
         raise StageError(f"crawl: pydoc_modules: {e}; pick names from `python -c 'help(\"modules\")'`") from None
     # our own server: no politeness delay, and its index links every page (depth 1)
     local = replace(cfg, per_host_delay_s=0.0, max_depth=min(cfg.max_depth, 1), same_host=True)
+    ctx.logger.info("crawl: starting the pydoc server for %d modules (it renders every page first)", len(modules))
     with PydocServer(modules, topics=not cfg.pydoc_modules) as server:
-        ctx.logger.info("crawl: pydoc server for %d modules at %s", len(modules), server.url)
-        known_live = {server.url + u[len(PYDOC_ORIGIN):]: _rebase(r, PYDOC_ORIGIN, server.url) for u, r in known.items()}
-        result = crawl_http(local, [server.url], known_live, ctx, extra_allowed=("127.0.0.1",))
-    result.rows = [_rebase(r, server.url, PYDOC_ORIGIN) for r in result.rows]
-    result.reused = [_rebase(r, server.url, PYDOC_ORIGIN) for r in result.reused]
+        ctx.logger.info("crawl: pydoc server at %s", server.url)
+        result = crawl_http(local, [server.url], {}, ctx, extra_allowed=("127.0.0.1",))
+    result.rows = [{**_rebase(r, server.url, PYDOC_ORIGIN), "fetched_at": PYDOC_FETCHED_AT} for r in result.rows]
     return result
 
 
@@ -247,13 +262,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     started = time.monotonic()
     skipped: Counter = Counter()
     reused: list[dict[str, Any]] = []
-    if cfg.source in ("web", "pydoc"):
-        namespace = f"pydoc-{sys.version_info.major}.{sys.version_info.minor}" if cfg.source == "pydoc" else "web"
-        store = PageStore(ctx.state_dir / namespace)
+    if cfg.source == "web":
+        store = PageStore(ctx.state_dir / "web")
         known = store.load()
-        result = crawl_pydoc(cfg, known, ctx) if cfg.source == "pydoc" else crawl_http(cfg, list(cfg.seeds), known, ctx)
-        fetched, reused, failures = result.rows, result.reused, result.failures
-        sitemap_urls = result.sitemap_urls
+        result = crawl_http(cfg, list(cfg.seeds), known, ctx)
+        fetched = [_unchanged(r, known) for r in result.rows]
+        reused, failures, sitemap_urls = result.reused, result.failures, result.sitemap_urls
+    elif cfg.source == "pydoc":
+        result = crawl_pydoc(cfg, ctx)
+        fetched, failures, sitemap_urls = result.rows, result.failures, result.sitemap_urls
     else:
         sitemap_urls = 0
         fetched, failures, skipped = read_files(cfg, ctx)
@@ -271,7 +288,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         shutil.rmtree(out)
     with ShardWriter(out, "pages", rows_per_shard=ROWS_PER_SHARD) as writer:
         writer.write_many(rows)
-    if cfg.source in ("web", "pydoc"):
+    if cfg.source == "web":
         store.append(fetched, known)  # after the output, so a failed write leaves the state as it was
     total_bytes = sum(len(r["body"]) for r in rows)
     metrics = {

@@ -16,15 +16,41 @@ it serves, until its stdin closes,
 and prints "READY <port>" once it listens. Why not `python -m pydoc -p 0`: its index lists every
 installed package (site-packages included) and imports whatever page is asked for, so a crawl of
 it would import antigravity (which opens a web browser) and anything else it links to. Here the
-module list is fixed up front (`select_modules`, found without importing anything) and a module is
-imported only when its page is requested, in a worker thread with a time limit.
+module list is fixed up front (`select_modules`, found without importing anything) and only those
+modules (and what they import) are ever imported, each under a time limit.
 
-Pages are made deterministic: object addresses (`at 0x7f...`) are zeroed and the hash seed is
-fixed, so fetching the same page twice gives the same bytes and sha256.
+Pages are deterministic: the same modules on the same Python give the same pages, byte for byte,
+whatever the order, concurrency or timing of the requests and the load of the machine.
+Earlier versions imported a module when its page was first requested, on 4 render threads, and
+two crawls of the tiny corpus (400 modules) gave 413 pages (5 http_404) and 403 pages (15
+http_404). The causes (the first two measured, the third read from the code):
+- concurrent imports: two render threads importing modules of one package (asyncio, unittest)
+  see each other's partially initialised modules: `AttributeError: partially initialized module
+  'asyncio.selector_events' has no attribute 'BaseSelectorEventLoop'`, `ImportError: cannot
+  import name 'TestProgram' from partially initialized module 'unittest.main'`. The failed import
+  leaves its package half set up, so every later page of it fails too (`NameError: name
+  'base_events' is not defined` for asyncio, asyncio.unix_events, unittest, unittest.mock, ...).
+  Under load (two busy cores) 10 more pages 404'd; at rest the race was rarely lost.
+- content that depends on what was imported before: a package's page documents its attributes,
+  and importing a submodule rebinds one (importing curses.has_key replaces the function
+  curses.has_key with the module, so the curses page lost `has_key` when curses.has_key.html was
+  fetched first); the sys page lists sys.modules. Requests in another order gave other bytes.
+- the 10 s render limit counted from the request, waiting behind other renders included, so
+  on a slow machine any page could become a 504.
+Now every page is made before READY, in one thread, in a fixed order: first every selected
+module is imported, in sorted order (`import_modules`), then every page is rendered, in sorted
+order (`render_pages`), and requests only read the finished pages. A module whose import fails
+is recorded at that first attempt and served as the same 404 every time. The time limit
+(RENDER_TIMEOUT_S, for an import that hangs rather than one that is slow) applies to each import
+and each render on its own (a hung one's thread is left running, so pages after it could again
+depend on timing; no module of this Python's selection hangs). Besides, object addresses (`at 0x7f...`) are zeroed, the hash seed is
+fixed, and the checkout's and virtual environment's paths (in sys.argv, sys.executable) are
+replaced by `<checkout>` and `<venv>`, so a page does not change when the checkout moves.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import importlib.util
 import os
@@ -35,8 +61,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -54,7 +78,7 @@ SKIP_TOP = frozenset({
 SKIP_PARTS = frozenset({"__main__", "test", "tests", "idle_test"})
 # packages whose submodules are generated tables rather than prose (the codecs of encodings)
 NO_SUBMODULES = frozenset({"encodings"})
-RENDER_TIMEOUT_S = 10.0
+RENDER_TIMEOUT_S = 30.0  # per import and per render: for one that hangs (the slowest render takes ~1 s)
 # object addresses in reprs: "<object object at 0x7f..>" (a space may be &nbsp;), ctypes "handle 7f.."
 ADDRESS = re.compile(r"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-fA-F]{8,}")
 
@@ -125,12 +149,28 @@ def _page(title: str, body: str) -> str:
     return f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title></head>\n<body>\n{body}\n</body></html>\n"
 
 
+def _machine_paths() -> list[tuple[str, str]]:
+    """(path, placeholder) for paths of this checkout and virtual environment, longest first."""
+    paths = [(str(Path(__file__).resolve().parents[2]), "&lt;checkout&gt;")]
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(sys.executable)))
+    if venv != os.path.abspath(sys.base_prefix):  # a virtual environment: not part of "this Python"
+        paths.append((venv, "&lt;venv&gt;"))
+    return sorted(((p, r) for p, r in paths if os.path.dirname(p) != p), key=lambda p: -len(p[0]))  # never "/"
+
+
+def _stable(text: str) -> str:
+    """`text` without what differs between runs or checkouts: object addresses, our own paths."""
+    for path, placeholder in _machine_paths():
+        text = text.replace(path, placeholder)
+    return ADDRESS.sub(r"\g<1>0", text)
+
+
 def _render_module(name: str) -> str:
     import pydoc  # imported here so that importing this file in the crawl stage stays light
 
-    module = importlib.import_module(name)
+    module = sys.modules[name]  # imported by import_modules
     doc = pydoc.HTMLDoc()
-    return ADDRESS.sub(r"\g<1>0", doc.page(pydoc.describe(module), doc.document(module, name)))
+    return _stable(doc.page(pydoc.describe(module), doc.document(module, name)))
 
 
 def _render_topic(name: str) -> str:
@@ -139,9 +179,57 @@ def _render_topic(name: str) -> str:
     return _page(f"Python topic: {name}", f"<h1>{html.escape(name)}</h1>\n<pre>{html.escape(topics[name])}</pre>")
 
 
-def _make_handler(modules: list[str], topics: list[str], pool: ThreadPoolExecutor) -> type[BaseHTTPRequestHandler]:
-    module_set, topic_set = set(modules), set(topics)
-    pages = [f"{m}.html" for m in modules] + [f"topic-{t}.html" for t in topics]
+def _time_limited(fn, name: str, what: str) -> object:
+    """fn(name) run in a thread of its own: its result, or the exception it raised, or a
+    TimeoutError after RENDER_TIMEOUT_S (the thread is abandoned: a hung import cannot be stopped)."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(name)
+        except BaseException as e:  # SystemExit from a module's import is a failed page, not our exit
+            box["value"] = e
+
+    worker = threading.Thread(target=target, name=f"{what}-{name}", daemon=True)
+    worker.start()
+    worker.join(RENDER_TIMEOUT_S)
+    return box.get("value", TimeoutError(f"{what} took over {RENDER_TIMEOUT_S:.0f}s"))
+
+
+def import_modules(modules: list[str]) -> dict[str, BaseException | None]:
+    """Import every module, one at a time in sorted order: name -> the import's exception (None: ok).
+
+    One thread and one order, so a module's page never depends on which pages were asked for first
+    (see the module docstring), and a module that fails fails the same way every time.
+    """
+    errors: dict[str, BaseException | None] = {}
+    for name in sorted(modules):
+        outcome = _time_limited(importlib.import_module, name, "import")
+        errors[name] = outcome if isinstance(outcome, BaseException) else None
+    return errors
+
+
+def _failed(name: str, error: BaseException) -> tuple[int, str]:
+    if isinstance(error, TimeoutError):  # an import or render that hangs
+        return 504, _page("Timeout", f"<p>{html.escape(name)}: {html.escape(str(error))}</p>")
+    # an import that fails on this platform (winreg, _gdbm, ...): no page, not a server fault
+    return 404, _page("No documentation", f"<p>{html.escape(name)}: {html.escape(_stable(repr(error)))}</p>")
+
+
+def render_pages(modules: list[str], topics: list[str]) -> dict[str, tuple[int, bytes]]:
+    """Every page, path -> (HTTP status, body): all modules imported first, then each page rendered, in sorted order."""
+    errors = import_modules(modules)
+    pages: dict[str, tuple[int, bytes]] = {}
+    for name in sorted(modules):
+        outcome = errors[name] if errors[name] is not None else _time_limited(_render_module, name, "render")
+        status, text = _failed(name, outcome) if isinstance(outcome, BaseException) else (200, outcome)
+        pages[f"{name}.html"] = (status, text.encode("utf-8", errors="replace"))
+    for name in sorted(topics):
+        pages[f"topic-{name}.html"] = (200, _render_topic(name).encode("utf-8"))
+    return pages
+
+
+def _make_handler(modules: list[str], topics: list[str], pages: dict[str, tuple[int, bytes]]) -> type[BaseHTTPRequestHandler]:
     index = _page(
         f"Python {sys.version_info.major}.{sys.version_info.minor} standard library",
         "<h1>Modules</h1>\n<ul>\n" + "".join(f'<li><a href="{m}.html">{m}</a></li>\n' for m in modules) + "</ul>\n"
@@ -155,29 +243,17 @@ def _make_handler(modules: list[str], topics: list[str], pool: ThreadPoolExecuto
             path = self.path.split("?", 1)[0].lstrip("/")
             host = self.headers.get("Host", "127.0.0.1")
             if path in ("", "index.html"):
-                return self._send(200, index, "text/html; charset=utf-8")
+                return self._send(200, index.encode(), "text/html; charset=utf-8")
             if path == "robots.txt":
-                return self._send(200, f"User-agent: *\nAllow: /\nSitemap: http://{host}/sitemap.xml\n", "text/plain; charset=utf-8")
+                return self._send(200, f"User-agent: *\nAllow: /\nSitemap: http://{host}/sitemap.xml\n".encode(), "text/plain; charset=utf-8")
             if path == "sitemap.xml":
                 urls = "".join(f"<url><loc>http://{host}/{p}</loc></url>" for p in pages)
-                return self._send(200, f'<?xml version="1.0" encoding="UTF-8"?>\n<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{urls}</urlset>\n', "application/xml")
-            if path.startswith("topic-") and path.endswith(".html") and path[6:-5] in topic_set:
-                return self._render(_render_topic, path[6:-5])
-            if path.endswith(".html") and path[:-5] in module_set:
-                return self._render(_render_module, path[:-5])
-            self._send(404, _page("Not found", f"<p>no page {html.escape(path)}</p>"), "text/html; charset=utf-8")
+                return self._send(200, f'<?xml version="1.0" encoding="UTF-8"?>\n<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{urls}</urlset>\n'.encode(), "application/xml")
+            if path in pages:
+                return self._send(*pages[path], "text/html; charset=utf-8")
+            self._send(404, _page("Not found", f"<p>no page {html.escape(path)}</p>").encode(), "text/html; charset=utf-8")
 
-        def _render(self, render, name: str) -> None:
-            try:
-                text = pool.submit(render, name).result(timeout=RENDER_TIMEOUT_S)
-            except FutureTimeout:  # an import that hangs: the worker stays stuck, this request ends
-                return self._send(504, _page("Timeout", f"<p>{html.escape(name)} took over {RENDER_TIMEOUT_S}s</p>"), "text/html; charset=utf-8")
-            except Exception as e:  # an import that fails on this platform: no page, not a server fault
-                return self._send(404, _page("No documentation", f"<p>{html.escape(name)}: {html.escape(repr(e))}</p>"), "text/html; charset=utf-8")
-            self._send(200, text, "text/html; charset=utf-8")
-
-        def _send(self, status: int, text: str, content_type: str) -> None:
-            data = text.encode("utf-8", errors="replace")
+        def _send(self, status: int, data: bytes, content_type: str) -> None:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
@@ -199,13 +275,14 @@ def serve(modules: list[str], with_topics: bool) -> None:
         from pydoc_data.topics import topics as all_topics
 
         topics = sorted(all_topics)
-    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(modules, topics, pool))
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # what a module prints must not come before READY
+        pages = render_pages(modules, topics)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(modules, topics, pages))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"READY {server.server_address[1]}", flush=True)
     sys.stdin.read()  # returns when the parent closes our stdin, or dies
-    os._exit(0)  # do not wait for a render thread stuck in an import
+    os._exit(0)  # do not wait for a thread stuck in an import
 
 
 # -- the parent's handle ---------------------------------------------------------------------------
@@ -214,11 +291,14 @@ def serve(modules: list[str], with_topics: bool) -> None:
 class PydocServer:
     """Starts the server script in a subprocess; a context manager that always stops it.
 
+    The server renders every page before it is ready (~5 s for the 338 modules of the tiny
+    corpus on one free core): the start timeout leaves room for a loaded machine.
+
     with PydocServer(["json", "re"], topics=True) as server:
         server.url  # "http://127.0.0.1:<port>/"
     """
 
-    def __init__(self, modules: list[str], topics: bool, start_timeout_s: float = 30.0):
+    def __init__(self, modules: list[str], topics: bool, start_timeout_s: float = 300.0):
         self.modules = modules
         self.topics = topics
         self.start_timeout_s = start_timeout_s

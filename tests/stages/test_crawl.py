@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import socket
@@ -15,13 +16,13 @@ import pytest
 
 from stages import crawl as crawl_stage
 from stages.contract import StageError
-from stages.crawl import PYDOC_ORIGIN, Config, crawl_http, run
+from stages.crawl import PYDOC_FETCHED_AT, PYDOC_ORIGIN, Config, crawl_http, run
 from stages.web.crawler import extract_links, parse_sitemap
 from stages.web.fetch import blocked_reason
 from stages.web.local import read_local
 from stages.web.pydoc_server import PydocServer, select_modules
 from stages.web.warc import read_warc
-from storage.parquet import read_table
+from storage.parquet import files, read_table
 from tests.conftest import make_ctx
 from tests.stages.web_server import Reply, SiteServer, html_page
 
@@ -39,6 +40,11 @@ def site():
     yield start
     for s in servers:
         s.close()
+
+
+def file_digests(path: Path) -> list[str]:
+    """sha256 of every Parquet file of a dataset: what downstream fingerprints hash."""
+    return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files(path)]
 
 
 def web_crawl(server: SiteServer, root: Path, seed: str = "/", **cfg):
@@ -287,6 +293,19 @@ def test_second_crawl_fetches_only_new_pages_and_outputs_all(site, tmp_path):
     assert pages.column("url").to_pylist() == sorted([s.url("/")] + [s.url(f"/p{i}") for i in range(6)])
 
 
+def test_crawl_that_finds_nothing_new_writes_the_same_pages(site, tmp_path):
+    s = site({"/": html_page("/a", "/b"), "/a": html_page(text="a"), "/b": html_page(text="b")})
+    cfg = Config(source="web", seeds=(s.url("/"),), use_sitemaps=False, **FAST)
+    first = make_ctx(tmp_path / "a")
+    run(cfg, {}, first)
+    time.sleep(0.01)  # a later fetch time for the seed, fetched again
+    second = make_ctx(tmp_path / "b")
+    second.state_dir = first.state_dir
+    result = run(cfg, {}, second)
+    assert result.metrics["pages_fetched"] == 1 and result.metrics["pages_reused"] == 2
+    assert file_digests(second.output("pages")) == file_digests(first.output("pages"))  # the seed keeps its row
+
+
 # -- WARC --------------------------------------------------------------------------------------------
 
 
@@ -398,10 +417,15 @@ def test_pydoc_default_crawls_through_the_real_crawler(tmp_path):
     assert "JSONDecoder" in json_page and "Bob&nbsp;Ippolito" in json_page
     assert re.search(r"at(?: |&nbsp;)0x[1-9a-f]", json_page) is None  # object addresses are zeroed
     assert result.metrics["pages_failed"] == 0 and result.metrics["bytes"] > 20_000
-    # a second crawl in a fresh home gives the same bytes (stable URLs, no object addresses)
-    again = make_ctx(tmp_path / "b")
-    run(cfg, {}, again)
-    assert [p["sha256"] for p in read_table(again.output("pages"), "pages").to_pylist()] == [p["sha256"] for p in pages]
+    assert {p["fetched_at"] for p in pages} == {PYDOC_FETCHED_AT}
+    # a second crawl, in a fresh home and in the same one, writes the same files (stable URLs, no
+    # object addresses, no fetch times): what follows the crawl keeps its fingerprints
+    same_home = make_ctx(tmp_path / "c")
+    same_home.state_dir = ctx.state_dir  # the state persists across runs in the home
+    for again in (make_ctx(tmp_path / "b"), same_home):
+        run(cfg, {}, again)
+        assert [p["sha256"] for p in read_table(again.output("pages"), "pages").to_pylist()] == [p["sha256"] for p in pages]
+        assert file_digests(again.output("pages")) == file_digests(ctx.output("pages"))
 
 
 def test_pydoc_server_stops(tmp_path):
