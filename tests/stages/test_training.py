@@ -350,3 +350,49 @@ def test_trainers_import_the_policy_instead_of_copying_it(name):
         assert copied not in source, f"stages/{name}.py copies {copied!r}: import it from stages/training.py"
     run_src = source[source.index("\ndef run("):source.index('\nif __name__ == "__main__"')]
     assert len(run_src.strip().splitlines()) <= 125, f"stages/{name}.py: run() is {len(run_src.splitlines())} lines"
+
+
+# -- every trainer's report is a pure function -------------------------------------------------------
+
+
+def test_reports_build_without_training_and_warn_when_the_cap_fired():
+    from stages import dpo, grpo, pretrain, reward, sft
+
+    acc = {"acc/arith": 0.9, "acc/count": 0.5, "acc": 0.7}
+    base = {"acc/arith": 0.0, "acc/count": 0.1, "acc": 0.05}
+    rows = [{"task": "arith"}] * 3 + [{"task": "count"}]
+    reports = {
+        "pretrain": pretrain.summarize(pretrain.Config(), {"params": 1000, "unigram_bpb": 2.5, "total_steps": 10}, 7,
+                                       "max_minutes", 7000, 1234.0, 3.1, 3.0, 1.3, [{"step": 0}], "### The\nThe end"),
+        "sft": sft.summarize(sft.Config(), {"params": 1000, "trainable_params": 1000, "lora_layers": 0, "total_steps": 10}, 7,
+                             "max_minutes", 0.5, 100.0, rows, acc, base, base, [], [{"step": 0}]),
+        "reward": reward.summarize(reward.Config(max_steps=10), {"train_pairs": 50, "val_pairs": 8}, 7, "max_minutes",
+                                   {"pair_acc": 0.8, "loss": 0.4, "margin": 1.0, "pair_acc/arith": 1.0}, []),
+        "dpo": dpo.summarize(dpo.Config(max_steps=10), {"val_pairs": 8}, 7, "max_minutes",
+                             {"pref_acc": 0.8, "loss": 0.4, "margin": 1.0}, acc, base, []),
+        "grpo": grpo.summarize(grpo.Config(max_steps=10), {}, 7, "max_minutes", acc, base, base,
+                               [{"reward/mean": r} for r in (0.1, 0.2, 0.3)], 1.0, 2.0),
+    }
+    for name, r in reports.items():
+        assert r.metrics["steps"] == 7.0, name
+        (w,) = r.warnings
+        assert w.startswith(f"stopped_by: max_minutes: {name} stopped at step 7 of 10"), name
+        assert "7 of 10" in r.summary and "(max_minutes)" in r.summary, name
+    # the chat stages share one accuracy table
+    assert reports["sft"].tables["eval"] == [
+        {"task": "arith", "prompts": 3, "most common answer": 0.0, "base (few-shot)": 0.0, "sft": 0.9},
+        {"task": "count", "prompts": 1, "most common answer": 0.1, "base (few-shot)": 0.1, "sft": 0.5}]
+    assert "| task | prompts | most common answer | base (few-shot) | sft |" in reports["sft"].summary
+    assert [r["task"] for r in reports["dpo"].tables["heldout_accuracy"]] == ["arith", "count"]
+    assert reports["grpo"].metrics["reward_first5"] == pytest.approx(0.2)
+    assert pretrain.summarize(pretrain.Config(), {"params": 1, "unigram_bpb": 2.5, "total_steps": 7}, 7, "max_steps", 1, 1.0,
+                              None, 3.0, 1.3, [], "").warnings == []
+
+
+def test_accuracy_table_marks_missing_columns():
+    from stages.chat.evaluate import accuracy_table
+
+    rows, md = accuracy_table({"sft": {"acc/a": 0.5}, "dpo": {"acc/a": 0.75, "acc/b": 1.0}})
+    assert rows == [{"task": "a", "sft": 0.5, "dpo": 0.75}, {"task": "b", "sft": None, "dpo": 1.0}]
+    assert md.splitlines() == ["| task | sft | dpo |", "|---|---|---|", "| a | 0.500 | 0.750 |", "| b | - | 1.000 |"]
+    assert accuracy_table({"sft": {}}) == ([], "")
