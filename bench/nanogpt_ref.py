@@ -4,7 +4,8 @@ GPT-2 shaped: learned absolute positions, pre-LayerNorm without bias, multi-head
 SDPA with is_causal, a GELU MLP of 4 * d_model, tied input/output embeddings, no biases, nanoGPT's
 init (N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)). Dropout is left out (0 in
 the runs it is compared with). Only `forward(idx, targets) -> (logits, loss)` is provided: the
-benchmark compares training speed, nothing else.
+benchmark compares training speed, nothing else. `NanoGPTMLP` is also swapped into our decoder by
+bench/pretrain.py's ablation ladder.
 """
 from __future__ import annotations
 
@@ -40,18 +41,27 @@ class NanoGPTAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
+class NanoGPTMLP(nn.Module):
+    def __init__(self, cfg: NanoGPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
 class NanoGPTBlock(nn.Module):
     def __init__(self, cfg: NanoGPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, bias=False)
         self.attn = NanoGPTAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=False)
-        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
-        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+        self.mlp = NanoGPTMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+        return x + self.mlp(self.ln_2(x))
 
 
 class NanoGPT(nn.Module):

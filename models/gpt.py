@@ -8,7 +8,11 @@ optionally tied input/output embeddings. Parameter names are those of HF `Qwen3M
 
 Differences from HF Qwen3, none of which change the function computed:
 - RoPE multiplies by `roll(x, half)` and a sine table with the sign of the first half folded in, which
-  is `rotate_half(x) * sin` in one op fewer.
+  is `rotate_half(x) * sin` in one op fewer, and is applied in the (B, T, H, hd) layout of the
+  projection, before the transpose to (B, H, T, hd).
+- RMSNorm in fp32 on CPU goes through `RMSNormCPU`, the same forward with a hand-written backward:
+  on CPU PyTorch composes rms_norm from six ops, whose autograd backward makes about fifteen passes
+  over the tensor (elsewhere F.rms_norm is kept, for its fused kernel).
 - Attention goes through `F.scaled_dot_product_attention` with `enable_gqa` instead of `repeat_kv`.
 - Packed sequences: `doc_ids` restricts attention to the same document and restarts positions per doc.
 - No sliding-window layers (Qwen3's `use_sliding_window` is False for every released model).
@@ -108,7 +112,38 @@ class GPTRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32:
+            return RMSNormCPU.apply(x, self.weight, self.eps)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class RMSNormCPU(torch.autograd.Function):
+    """y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) over the last dim (Zhang & Sennrich, 2019).
+
+    The forward is F.rms_norm's CPU composition op for op, so outputs are bitwise equal. The backward,
+    with x_hat = x * r and g_w = dy * w, is
+        dx = r * (g_w - x_hat * mean(g_w * x_hat)),    dw = sum over rows of dy * x_hat,
+    seven passes where autograd through the composition takes about fifteen (tests/models/test_gpt.py
+    checks it against autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        x_hat = x * r
+        ctx.save_for_backward(x_hat, weight, r)
+        return x_hat * weight
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x_hat, weight, r = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            g_w = dy * weight
+            dx = torch.addcmul(g_w, x_hat, (g_w * x_hat).mean(-1, keepdim=True), value=-1) * r
+        if ctx.needs_input_grad[1]:
+            dw = (dy * x_hat).reshape(-1, x_hat.shape[-1]).sum(0)
+        return dx, dw, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -131,10 +166,13 @@ class GPTAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 is_causal: bool, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, KV, T, hd)
+        # norm and rotate in the projection's contiguous (B, T, heads, hd) layout, then transpose: on the
+        # transposed view, roll returns a copy in the other memory layout and every RoPE op mixes the two
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rope(k, cos, sin).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, KV, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -250,10 +288,10 @@ class GPT(nn.Module):
                 position_ids = (key_valid.long().cumsum(1)[:, start:] - 1).clamp(min=0)  # (B, T)
         if start + T > self.rope_cos.shape[0]:
             self._build_rope(max(start + T, 2 * self.rope_cos.shape[0]))
-        if position_ids is None:  # fast path: a slice, broadcast over (B, H)
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd)
+        if position_ids is None:  # fast path: a slice, broadcast over (B, heads)
+            cos, sin = self.rope_cos[start:start + T, None], self.rope_sin[start:start + T, None]  # (T, 1, hd)
         else:
-            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)  # (B, 1, T, hd)
+            cos, sin = self.rope_cos[position_ids].unsqueeze(2), self.rope_sin[position_ids].unsqueeze(2)  # (B, T, 1, hd)
 
         if doc_ids is None and key_valid is None:
             # no mask tensor at all: full causal (training, prefill) or one query seeing every key (decode)
@@ -301,9 +339,10 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6 * N_matmul + 12 * L * H * hd * T,
-        with N_matmul = body + output head (the embedding lookup is not a matmul)."""
+        with N_matmul the weights of every nn.Linear: the body's projections and the output head, tied or
+        not (the embedding lookup and the norm gains are not matmuls)."""
         c = self.cfg
-        n_matmul = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6.0 * n_matmul + 12.0 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
     def save_pretrained(self, out_dir: str | Path) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.gpt import GPT, GPTConfig, doc_positions
+from models.gpt import GPT, GPTConfig, RMSNormCPU, doc_positions
 
 V = 97
 
@@ -72,8 +72,29 @@ def test_num_params_and_flops():
     assert untied.num_params() - tied.num_params() == V * 32  # the untied head
     assert tied.num_params(non_embedding=True) == untied.num_params(non_embedding=True)
     assert tied.num_params(non_embedding=True) == tied.num_params() - V * 32
-    body = tied.num_params(non_embedding=True)
-    assert tied.flops_per_token(64) == 6 * (body + V * 32) + 12 * 2 * 4 * 8 * 64
+    # matmul weights of one layer: q 32*32, k and v 32*16 each, o 32*32, gate/up/down 3 * 32*96 (d_ff 96)
+    per_layer = 1024 + 512 + 512 + 1024 + 3 * 32 * 96
+    n_matmul = 2 * per_layer + V * 32  # 2 layers + the head, tied or not (not the lookup, not the norm gains)
+    assert n_matmul == 27680
+    assert tied.flops_per_token(64) == untied.flops_per_token(64) == 6 * 27680 + 12 * 2 * (4 * 8) * 64 == 215232
+
+
+def test_rms_norm_cpu_forward_is_f_rms_norm_bitwise_and_backward_matches_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 4, 8, requires_grad=True)  # a QK-norm shaped input: (B, T, heads, hd)
+    w = (1 + 0.1 * torch.randn(8)).requires_grad_()
+    dy = torch.randn(3, 5, 4, 8)
+    y_ref = F.rms_norm(x, (8,), w, 1e-6)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, w), dy)
+    y = RMSNormCPU.apply(x, w, 1e-6)
+    assert torch.equal(y, y_ref)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5)
+    xd, wd = x.detach().double()[:1, :2].requires_grad_(), w.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormCPU.apply(a, b, 1e-6), (xd, wd))
+    frozen = RMSNormCPU.apply(x, w.detach(), 1e-6)  # a frozen gain (LoRA): only dx is computed
+    torch.testing.assert_close(torch.autograd.grad(frozen, x, dy)[0], dx_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tied", [True, False])
