@@ -179,6 +179,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps({"dir": str(pub.dir), "config": pub.config, "result": res, "manifest": pub.manifest}, indent=2, default=str))
         return 0
     print(f"{args.stage} {pub.fingerprint}  {pub.dir}")
+    for problem in pub.problems():
+        print(f"WARNING damaged: {problem}; `family run` rebuilds it")
     print(f"built {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(pub.manifest['published_at']))} in {res.get('seconds', 0):.1f} s")
     print("config:")
     for k, v in pub.config.get("config", {}).items():
@@ -195,6 +197,40 @@ def cmd_show(args: argparse.Namespace) -> int:
     if res.get("summary"):
         print("\n" + res["summary"])
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Check every file of the recipe's published artifacts (or of one stage) against its manifest:
+    existence, size and sha256 of every byte."""
+    from stages.contract import ConfigError
+
+    home = Home.resolve(args.home)
+    try:
+        recipe, _, plans = _plan(args, home)
+    except ConfigError as e:
+        return _err(str(e))
+    if args.stage and args.stage not in recipe.stages:
+        return _err(f"recipe {recipe.name} has no stage {args.stage!r} (stages: {', '.join(recipe.stages)})")
+    from storage.artifacts import ArtifactStore
+
+    store, bad, checked = ArtifactStore(home), 0, 0
+    for p in plans:
+        if args.stage and p.stage != args.stage:
+            continue
+        pub = store.published(p.stage, p.fingerprint) if p.fingerprint else None
+        if pub is None:
+            print(f"  -  {p.stage:<10} not published ({p.state})")
+            continue
+        checked += 1
+        damage = pub.problems(deep=True)
+        if damage:
+            bad += 1
+            print(f"  x  {p.stage:<10} {p.fingerprint} DAMAGED: " + "; ".join(damage))
+        else:
+            size = sum(f["bytes"] for f in pub.manifest.get("files", []))
+            print(f"  ok {p.stage:<10} {p.fingerprint} {len(pub.manifest.get('files', []))} files, {size / 1e6:.2f} MB")
+    print(f"{checked} artifacts checked, {bad} damaged" + ("; `family run` rebuilds them" if bad else ""))
+    return 1 if bad else 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -379,6 +415,10 @@ def resolve_model(home: Home, name: str) -> Path:
             for pub in store.history(stage):
                 art = pub.artifacts().get(out)
                 if art is not None:
+                    damage = pub.problems()
+                    if damage:
+                        raise FileNotFoundError(f"model {out!r} of stage {stage} is damaged ({damage[0]}); "
+                                                f"`family run` rebuilds it")
                     return Path(art.path)
     known = sorted({o for s in store.stages() for pub in store.history(s)[:1] for o in pub.artifacts() if (Path(pub.dir) / o / "config.json").exists()})
     raise FileNotFoundError(f"no model {name!r} in {home.root} (models: {', '.join(known) or 'none yet; run `family run`'})")
@@ -444,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("verify", help="check every byte of the published artifacts against their manifests",
+                       description="Check the published artifacts of the recipe's stages (or of STAGE) against their manifests: "
+                       "every file's existence, size and sha256. `family run` also checks sizes (and the sha256 of "
+                       "small files) before it reuses an artifact, and rebuilds a damaged one. Exit code 1 when one is damaged.")
+    p.add_argument("stage", nargs="?", help="only this stage")
+    _add_common(p, recipe_default=None)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("sql", help="query every published dataset with DuckDB", epilog='example: family sql "select reason, count(*) n from excluded group by 1 order by n desc"')
     p.add_argument("query", nargs="?", help="SQL; with no query, list the views")

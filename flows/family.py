@@ -200,7 +200,7 @@ def stage_task(
 
     with store.lease(stage, plan.fingerprint) as work:
         published = store.published(stage, plan.fingerprint)
-        if published is not None and not force:  # another run finished it while we waited
+        if published is not None and not force and not published.problems():  # another run finished it while we waited
             return {"stage": stage, "status": "reused", "outputs": {k: a.to_json() for k, a in published.artifacts().items()}, "metrics": published.result.get("metrics", {})}
 
         run_dir, ckpt_dir = work / "out", work / "ckpt"
@@ -384,6 +384,8 @@ def family_flow(
                     report["stages"][name] = {"status": "reused", "fingerprint": p.fingerprint}
                     _echo(f"  = {name:<10} reused {p.fingerprint}")
                 continue
+            if p.state == "damaged":
+                _echo(f"  ! {name:<10} WARNING {p.why}")
             _echo(f"  > {name:<10} running ({p.why})")
             task_fn = stage_task.with_options(
                 tags=["gpu"] if spec.gpu else [],

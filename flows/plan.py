@@ -25,7 +25,7 @@ class StagePlan:
     fingerprint: str  # "" while an input is pending (its producer runs first)
     action: str  # "run" | "skip" | "out"  (out: not selected by --only/--until)
     why: str
-    state: str  # published | stale | missing | running | failed
+    state: str  # published | stale | missing | running | failed | damaged (files changed since publishing)
     code: str
     code_digests: dict[str, str]
     inputs: dict[str, str]  # input name -> content hash of that upstream output ("" while pending)
@@ -111,9 +111,14 @@ def make_plan(
         doc = {"code": code, "code_modules": digests, "inputs": inputs}
         fp = "" if pending else fingerprint(name, code, config, inputs)
         published = store.published(name, fp) if fp else None
+        damage = published.problems() if published is not None else []
+        if damage:  # files changed since publishing: the artifact no longer exists for anyone
+            published = None
         work = home.work_dir(name, fp) if fp else None
         if fp and store.is_leased(name, fp):
             state = "running"
+        elif damage:
+            state = "damaged"
         elif published is not None:
             state = "published"
         elif work is not None and (work / "failed.json").exists():
@@ -138,7 +143,9 @@ def make_plan(
                 why = f"{changed}; {why}" if changed != "fingerprint changed" else why
         else:
             action = "run"
-            if state == "failed":
+            if damage:
+                why = f"published artifact is damaged ({damage[0]}{f'; {len(damage) - 1} more' if len(damage) > 1 else ''}); rebuilding"
+            elif state == "failed":
                 err = json.loads((work / "failed.json").read_text()).get("error", "")
                 why = f"last attempt failed: {err[:80]}"
             elif history:

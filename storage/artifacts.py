@@ -26,6 +26,8 @@ from typing import Any, Iterator
 from storage.home import Home
 
 MANIFEST = "manifest.json"
+SMALL_FILE = 1 << 20  # files up to this size are hashed on every check; larger ones by `family verify`
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime_ns, inode) -> sha256 already checked
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,31 @@ class Published:
         p = self.dir / "config.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
+    def problems(self, deep: bool = False) -> list[str]:
+        """What no longer matches the manifest, one line per file ("" -> intact): a file missing, of
+        another size, or (files up to SMALL_FILE bytes always, every file when `deep`) whose bytes
+        hash differently. A file checked once is not hashed again while its size, mtime and inode
+        stay the same."""
+        found = []
+        for f in self.manifest.get("files", []):
+            path = self.dir / f["path"]
+            try:
+                st = path.stat()
+            except OSError:
+                found.append(f"{path} is missing")
+                continue
+            if st.st_size != f["bytes"]:
+                found.append(f"{path} has {st.st_size} bytes, its manifest says {f['bytes']}")
+                continue
+            if deep or st.st_size <= SMALL_FILE:
+                key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+                if _VERIFIED.get(key) != f["sha256"]:
+                    if sha256_file(path) != f["sha256"]:
+                        found.append(f"{path} does not match its manifest's sha256")
+                        continue
+                    _VERIFIED[key] = f["sha256"]
+        return found
+
     def artifacts(self) -> dict[str, Artifact]:
         """Output name -> Artifact whose fingerprint is the hash of that output's content.
 
@@ -114,11 +141,17 @@ class ArtifactStore:
     # -- reading ---------------------------------------------------------------------------------
 
     def published(self, stage: str, fingerprint: str) -> Published | None:
+        """The artifact of (stage, fingerprint) if its manifest exists (a manifest that does not parse
+        counts as none). Its files are not checked here: see Published.problems."""
         d = self.home.stage_dir(stage, fingerprint)
         m = d / MANIFEST
         if not m.is_file():
             return None
-        return Published(stage, fingerprint, d, json.loads(m.read_text()))
+        try:
+            manifest = json.loads(m.read_text())
+        except (OSError, ValueError):
+            return None
+        return Published(stage, fingerprint, d, manifest)
 
     def history(self, stage: str) -> list[Published]:
         """Every published artifact of a stage, newest first."""

@@ -65,3 +65,26 @@ def test_stream_text_holds_back_a_partial_character():
     ids = tok.encode("né!")  # "é" is two bytes: two byte-level tokens unless merged
     pieces = list(chat.stream_text(tok, iter(ids)))
     assert "".join(pieces) == "né!" and all("\ufffd" not in p for p in pieces)
+
+
+def test_a_damaged_published_model_is_one_line_not_a_traceback(tmp_path, capsys):
+    """Truncated weights of a published model: `family chat` and `family generate` name the file and
+    what to do, in one line, exit code 2 (before, safetensors' SafetensorError came as a traceback)."""
+    import shutil
+
+    from flows.cli import main as cli
+    from storage.artifacts import ArtifactStore
+    from storage.home import Home
+
+    home = Home(tmp_path / "home").ensure()
+    store = ArtifactStore(home)
+    with store.lease("sft", "fp") as work:
+        shutil.copytree(tiny_model_dir(tmp_path / "m", tiny_tokenizer()), work / "out" / "sft")
+        pub = store.publish("sft", "fp", work / "out", {"sft": {}}, config={}, result={}, upstream={})
+    weights = pub.dir / "sft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for argv in (["chat", "--model", "sft", "--prompt", "hi"], ["generate", "--model", "sft", "hi"]):
+        capsys.readouterr()
+        assert cli([*argv, "--home", str(home.root)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(weights) in err and "family run" in err and "Traceback" not in err

@@ -212,3 +212,36 @@ def test_a_stage_warning_is_loud_in_the_run_status_and_mlflow(tmp_path, calls, p
     runs = MlflowClient(Home(home).mlflow_uri).search_runs(
         [e.experiment_id for e in MlflowClient(Home(home).mlflow_uri).search_experiments()], "tags.stage = 'square'")
     assert runs and runs[0].data.tags["warnings"] == warning
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "same_size"])
+def test_a_damaged_artifact_is_rebuilt_with_one_warning(tmp_path, calls, prefect_server, capsys, damage):
+    """Files of a published artifact changed after publishing (a truncated model file, a deleted shard,
+    bytes flipped in place): `family run` says so in one line naming the file, treats the artifact as
+    unpublished and rebuilds it; what depends on it is reused when the rebuilt bytes are the same."""
+    home = tmp_path / "home"
+    run_flow(home)
+    calls()
+    pub = ArtifactStore(Home(home)).history("square")[0]
+    f = pub.dir / "squares" / "squares.json"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[:3])
+    elif damage == "delete":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes().replace(b"1", b"7"))
+
+    assert cli(["verify", "--recipe", TOY, "--home", str(home)]) == 1
+    out = capsys.readouterr().out
+    assert f"x  square" in out and str(f) in out and "1 damaged" in out
+    assert cli(["status", "--recipe", TOY, "--home", str(home)]) == 0
+    assert "damaged" in capsys.readouterr().out
+
+    report = run_flow(home)
+    assert calls() == ["square"]  # rebuilt; total's input has the same content again: reused
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "square" in warnings[0] and str(f) in warnings[0] and "Traceback" not in err
+    assert report["stages"]["square"]["status"] == "built" and report["stages"]["total"]["status"] == "reused"
+    assert cli(["verify", "--recipe", TOY, "--home", str(home)]) == 0
+    assert "0 damaged" in capsys.readouterr().out

@@ -78,3 +78,54 @@ def test_lease_is_exclusive_across_processes_and_dies_with_holder(tmp_path):
     with store.lease("s", "fp", wait_s=5):
         assert time.monotonic() - t0 < 2
     assert not store.is_leased("s", "fp")
+
+
+def _published_with(tmp_path, files: dict[str, bytes]):
+    store = ArtifactStore(Home(tmp_path / "home").ensure())
+    with store.lease("s", "fp1") as work:
+        out = work / "out"
+        (out / "model").mkdir(parents=True)
+        for name, data in files.items():
+            (out / "model" / name).write_bytes(data)
+        return store, store.publish("s", "fp1", out, {"model": {}}, config={}, result={}, upstream={})
+
+
+def test_an_intact_artifact_has_no_problems(tmp_path):
+    _, pub = _published_with(tmp_path, {"a.bin": b"x" * 10, "b.json": b"{}"})
+    assert pub.problems() == [] and pub.problems(deep=True) == []
+
+
+@pytest.mark.parametrize("damage, says", [
+    ("delete", "model/a.bin is missing"),
+    ("truncate", "model/a.bin has 3 bytes, its manifest says 10"),
+    ("same_size", "model/a.bin does not match its manifest's sha256"),
+])
+def test_problems_name_the_damaged_file(tmp_path, damage, says):
+    _, pub = _published_with(tmp_path, {"a.bin": b"x" * 10, "b.json": b"{}"})
+    f = pub.dir / "model" / "a.bin"
+    pub.problems()  # checked once while intact: the cache must not hide a later change
+    if damage == "delete":
+        f.unlink()
+    elif damage == "truncate":
+        f.write_bytes(b"xxx")
+    else:
+        time.sleep(0.01)
+        f.write_bytes(b"y" * 10)
+    (problem,) = pub.problems()
+    assert problem.endswith(says) and str(pub.dir) in problem
+
+
+def test_large_files_are_hashed_only_deep(tmp_path, monkeypatch):
+    import storage.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts, "SMALL_FILE", 4)
+    _, pub = _published_with(tmp_path, {"big.bin": b"x" * 10})
+    (pub.dir / "model" / "big.bin").write_bytes(b"y" * 10)  # same size, other bytes
+    assert pub.problems() == []  # cheap check: existence and size only
+    assert pub.problems(deep=True) == [f"{pub.dir / 'model' / 'big.bin'} does not match its manifest's sha256"]
+
+
+def test_a_manifest_that_does_not_parse_is_no_artifact(tmp_path):
+    store, pub = _published_with(tmp_path, {"a.bin": b"x"})
+    (pub.dir / "manifest.json").write_text("{trunc")
+    assert store.published("s", "fp1") is None
