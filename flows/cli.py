@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from flows.prefect_env import api_server, configure
 
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     configure(home)
     if not args.no_track:  # import MLflow while the Prefect API server starts (saves ~2 s)
         import threading
@@ -107,6 +108,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 force_from=args.from_, only=args.only, until=args.until, refresh=args.refresh, track=not args.no_track,
             )  # fmt: skip
     except StageError as e:
+        from flows.family import StagesFailed
+
+        if isinstance(e, StagesFailed):  # each failure already has its line: say only what it means
+            blocked = f", {e.blocked} after it not built" if e.blocked else ""
+            print(f"failed: {', '.join(e.stages)}{blocked}; the rest is published. Fix it and run the same command "
+                  f"again: finished stages are reused", file=sys.stderr)
+            return 1
         return _err(str(e), 1)
     except KeyboardInterrupt:
         return _err("interrupted; run the same command again to resume", 130)
@@ -233,6 +241,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the traceback of a stage's last internal error (written to <home>/logs/ by `family run`)."""
+    home = Home.resolve(args.home)
+    found = sorted(home.logs.glob(f"{args.stage}-*.log"), key=lambda p: p.stat().st_mtime) if home.logs.is_dir() else []
+    if not found:
+        return _err(f"no internal-error log of stage {args.stage!r} in {home.logs} (a user error is the one line `family run` printed)", 1)
+    print(f"# {found[-1]}")
+    print(found[-1].read_text(), end="")
+    return 0
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -354,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _err(str(e))
     from flows.prefect_env import api_server, configure
 
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
     configure(home)
     params = {"recipe": str(recipe), "home": str(home.root), "refresh": args.refresh, "overrides": args.overrides}
     print(f"serving deployment family/{args.name}: cron {args.cron!r}, {params}", file=sys.stderr)
@@ -492,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", nargs="?", help="only this stage")
     _add_common(p, recipe_default=None)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("logs", help="the traceback of a stage's last internal error")
+    p.add_argument("stage")
+    p.add_argument("--home")
+    p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("sql", help="query every published dataset with DuckDB", epilog='example: family sql "select reason, count(*) n from excluded group by 1 order by n desc"')
     p.add_argument("query", nargs="?", help="SQL; with no query, list the views")

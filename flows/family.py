@@ -11,6 +11,7 @@ their checkpoints instead.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -322,8 +323,32 @@ def _data_funnel(outputs: dict[str, dict[str, Any]], flow_key: str, lineage: Lin
         MlflowTracker(lineage.uri, parent).log_metrics(metrics)
 
 
+class StagesFailed(StageError):
+    """Stages of a run failed; each was reported on its own line as it failed."""
+
+    def __init__(self, message: str, stages: list[str], blocked: int):
+        super().__init__(message)
+        self.stages, self.blocked = stages, blocked
+
+
 def _echo(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def write_traceback(home: Home, stage: str) -> Path:
+    """The traceback of the exception being handled, in `<home>/logs/<stage>-<time>.log`; its path."""
+    home.logs.mkdir(parents=True, exist_ok=True)
+    path = home.logs / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(traceback.format_exc())
+    return path
+
+
+def quiet_run_loggers() -> None:
+    """Flow-run and task-run log records go to the Prefect API (the UI shows them, tracebacks
+    included) but not to the terminal, where the flow prints one line per stage and a user error is
+    one line (Prefect's console handler would print each failure's traceback twice)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).propagate = False
 
 
 def _flow_run_name() -> str:
@@ -344,6 +369,7 @@ def family_flow(
     track: bool = True,
 ) -> dict[str, Any]:
     """Build (or reuse) every stage of a recipe. Parameters mirror `family run`."""
+    quiet_run_loggers()
     overrides, refresh = list(overrides or []), list(refresh or [])
     h = Home.resolve(home).ensure()
     rcp: Recipe = load_recipe(recipe, overrides)
@@ -405,11 +431,12 @@ def family_flow(
                 report["stages"][name] = {"status": "failed", "error": str(e)}
                 _echo(f"  x {name:<10} failed: {e}")
                 continue
-            except Exception as e:  # internal error: keep the traceback in the logs, go on with other branches
-                failures.append(f"stage {name}: {type(e).__name__}: {e}")
+            except Exception as e:  # internal error: its traceback goes to a log file, the other branches go on
+                log_file = write_traceback(h, name)
+                failures.append(f"stage {name}: internal error {type(e).__name__}: {e}; traceback in {log_file} (`family logs {name}`)")
                 blocked.add(name)
-                report["stages"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-                _echo(f"  x {name:<10} failed: {type(e).__name__}: {e}")
+                report["stages"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}", "log": str(log_file)}
+                _echo(f"  x {name:<10} failed: internal error {type(e).__name__}: {e}; traceback in {log_file}")
                 get_run_logger().error(traceback.format_exc())
                 continue
             outputs.update(res["outputs"])
@@ -436,5 +463,7 @@ def family_flow(
     if rows:
         create_table_artifact(rows, key=artifact_key(flow_key, "run"), description="stages of this run")
     if failures:
-        raise StageError(failures[0] if len(failures) == 1 else f"{len(failures)} stages failed; first: {failures[0]}")
+        failed = [s for s, r in report["stages"].items() if r["status"] == "failed"]
+        raise StagesFailed(failures[0] if len(failures) == 1 else f"{len(failures)} stages failed; first: {failures[0]}",
+                           failed, sum(r["status"] == "blocked" for r in report["stages"].values()))
     return report

@@ -98,5 +98,19 @@ def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
         os.environ["PREFECT_API_URL"] = url
         yield url
     finally:
+        drain_api_logs()
         os.environ.pop("PREFECT_API_URL", None)
         stop_group(proc)
+
+
+def drain_api_logs(timeout_s: float = 10.0) -> None:
+    """Send the log records still queued for the API before the server goes away (else Prefect's
+    log worker prints `--- Error logging to API --- All connection attempts failed` at exit)."""
+    if "prefect.logging.handlers" not in sys.modules:
+        return
+    from prefect.logging.handlers import APILogWorker
+
+    try:
+        APILogWorker.drain_all(timeout=timeout_s)
+    except Exception:  # a log that cannot be sent must not fail a finished run
+        pass

@@ -38,6 +38,11 @@ class Home:
         return self.root / "state"
 
     @property
+    def logs(self) -> Path:
+        """Tracebacks of internal errors, one file per failure (`family logs STAGE`)."""
+        return self.root / "logs"
+
+    @property
     def prefect_home(self) -> Path:
         return self.root / "prefect"
 

@@ -245,3 +245,38 @@ def test_a_damaged_artifact_is_rebuilt_with_one_warning(tmp_path, calls, prefect
     assert report["stages"]["square"]["status"] == "built" and report["stages"]["total"]["status"] == "reused"
     assert cli(["verify", "--recipe", TOY, "--home", str(home)]) == 0
     assert "0 damaged" in capsys.readouterr().out
+
+
+def test_a_user_error_is_one_line_on_the_terminal(tmp_path):
+    """As a user runs it: a StageError reaches the terminal as one line naming what and where, with no
+    Python traceback (Prefect's task and flow engines would print one each) and no `Error logging to
+    API` after the run's API server stops."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--recipe", TOY, "--home", str(tmp_path / "home"),
+                           "--set", "source.fail=true"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert err.count("source: asked to fail (source.fail=true)") == 1, err
+    assert "Traceback" not in err and "Error logging to API" not in err and "All connection attempts failed" not in err, err
+    assert "  x source     failed: source: asked to fail (source.fail=true)" in err.splitlines()
+    assert err.splitlines()[-1].startswith("failed: source, 2 after it not built")
+
+
+def test_an_internal_error_keeps_its_traceback_in_a_log_file(tmp_path, calls, prefect_server, capsys):
+    from stages.contract import StageError
+
+    home = tmp_path / "home"
+    capsys.readouterr()
+    with pytest.raises(StageError, match=r"stage total: internal error KeyError: 'no such key'; traceback in .*total-"):
+        run_flow(home, "total.crash=true")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("  x total")]
+    log_file = Path(line.rsplit("traceback in ", 1)[1])
+    assert log_file.parent == Home(home).logs and "Traceback" in log_file.read_text()
+    assert cli(["logs", "total", "--home", str(home)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"# {log_file}") and 'KeyError: \'no such key\'' in out and "toy/total.py" in out
+    assert cli(["logs", "square", "--home", str(home)]) == 1

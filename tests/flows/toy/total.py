@@ -12,6 +12,7 @@ from tests.flows.toy.common import log_call
 @dataclass(frozen=True)
 class Config:
     scale: float = 1.0
+    crash: bool = False  # an internal error (a bug), not a user error
 
 
 INPUTS = ("squares",)
@@ -20,6 +21,8 @@ OUTPUTS = ("total",)
 
 def run(cfg: Config, inputs, ctx: StageContext) -> StageResult:
     squares = json.loads((Path(inputs["squares"].path) / "squares.json").read_text())
+    if cfg.crash:
+        {}["no such key"]
     total = cfg.scale * sum(squares)
     ctx.output("total").write_text(json.dumps({"total": total}))
     log_call("total")
