@@ -294,7 +294,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     home = Home.resolve(args.home).ensure()
     prefect_port = free_port(args.prefect_port)
     mlflow_port = free_port(args.mlflow_port)
-    env = dict(os.environ, PREFECT_HOME=str(home.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # the UI's own API address: without it the UI calls the default port (4200) and shows "Can't connect
+    # to Server API" whenever the server listens elsewhere (tests/flows/test_dashboards.py)
+    env = dict(os.environ, PREFECT_HOME=str(home.prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL=f"http://127.0.0.1:{prefect_port}/api")
     env.pop("PREFECT_API_URL", None)
     bin_dir = Path(sys.executable).parent
     procs = [
@@ -350,6 +353,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         info.write_text(json.dumps({"api_url": f"{prefect_url}/api", "mlflow_url": mlflow_url, "pid": os.getpid()}))
         print(f"Prefect UI  {prefect_url}", flush=True)
         print(f"MLflow UI   {mlflow_url}", flush=True)
+        for what, link in deep_links(home, prefect_url, mlflow_url).items():
+            print(f"  {what:<22} {link}", flush=True)
         print("`family run` in another shell now reports to these servers. Ctrl-C stops both.", file=sys.stderr, flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(1)
@@ -359,6 +364,41 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop()
+
+
+def deep_links(home: Home, prefect_url: str, mlflow_url: str) -> dict[str, str]:
+    """Where a user looks first: the newest flow run in the Prefect UI, the family's runs in MLflow's
+    model-training view (MLflow 3 opens on its GenAI view otherwise), the registered models, and
+    the family report when there is one. A link that cannot be found is left out."""
+    import urllib.request
+
+    links: dict[str, str] = {}
+    try:
+        req = urllib.request.Request(f"{prefect_url}/api/flow_runs/filter", data=json.dumps({"sort": "START_TIME_DESC", "limit": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            runs = json.loads(r.read())
+        if runs:
+            links["latest flow run"] = f"{prefect_url}/runs/flow-run/{runs[0]['id']}"
+    except (OSError, ValueError, KeyError):
+        pass
+    if home.mlflow_db.exists():
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(home.mlflow_uri)
+            exps = [e for e in client.search_experiments() if e.name != "Default"]
+            last = json.loads((home.state / LAST_RUN).read_text()).get("recipe", "") if (home.state / LAST_RUN).exists() else ""
+            exps.sort(key=lambda e: (Path(last).stem and e.name == f"family-{Path(last).stem}", e.last_update_time or 0), reverse=True)
+            if exps:
+                links["MLflow runs"] = f"{mlflow_url}/#/experiments/{exps[0].experiment_id}/runs?workflowType=machine_learning"
+            if client.search_registered_models(max_results=1):
+                links["registered models"] = f"{mlflow_url}/#/models"
+        except Exception:  # a link must never stop the dashboards
+            pass
+    for report in sorted(home.artifacts.glob("evaluate/*/report/report.html")) if home.artifacts.is_dir() else []:
+        links["family report"] = report.as_uri()
+    return links
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -374,13 +414,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from flows.prefect_env import api_server, configure
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not "Creating initial MLflow database tables..."
+    home.ensure()
     configure(home)
-    params = {"recipe": str(recipe), "home": str(home.root), "refresh": args.refresh, "overrides": args.overrides}
-    print(f"serving deployment family/{args.name}: cron {args.cron!r}, {params}", file=sys.stderr)
-    with api_server(home):
+    refresh = args.refresh or ["crawl"]
+    params = {"recipe": str(recipe), "home": str(home.root), "refresh": refresh, "overrides": args.overrides}
+    when = {"interval": args.interval} if args.interval else {"cron": args.cron}
+    info = home.prefect_home / "serve.json"
+    # a server with its services: its scheduler creates the deployment's runs, this process executes them
+    with api_server(home, services=True) as url:
+        info.write_text(json.dumps({"api_url": url, "deployment": f"family/{args.name}", "pid": os.getpid(), **when}))
+        print(f"serving deployment family/{args.name} ({', '.join(f'{k} {v}' for k, v in when.items())}; refresh "
+              f"{', '.join(refresh)}) on {url}; Ctrl-C stops", file=sys.stderr, flush=True)
         from flows.family import family_flow
 
-        family_flow.serve(name=args.name, cron=args.cron, parameters=params, limit=1, pause_on_shutdown=False)
+        try:
+            family_flow.serve(name=args.name, parameters=params, limit=1, pause_on_shutdown=False, print_starting_message=False,
+                              **when)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            info.unlink(missing_ok=True)
     return 0
 
 
@@ -547,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the family flow on a schedule (e.g. a nightly re-crawl)", epilog="example: family serve --cron '0 3 * * *' --refresh crawl")
     _add_common(p)
-    p.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--cron", default="0 3 * * *", help="schedule (default: every night at 03:00)")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS instead of on a cron schedule")
     p.add_argument("--refresh", action="append", default=[], metavar="STAGE", help="stages rerun on every scheduled run (default: crawl)")
     p.add_argument("--name", default="nightly", help="deployment name")
     p.set_defaults(func=cmd_serve)

@@ -49,11 +49,14 @@ def configure(home: Home, use_server: bool = True) -> None:
         os.environ["PREFECT_API_URL"] = url
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, log_file: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            lines = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+            if log_file is not None:
+                lines = log_file.read_text(errors="replace").strip().splitlines() if log_file.exists() else []
+            else:
+                lines = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
             cause = next((ln for ln in reversed(lines) if "Error" in ln and "startup failed" not in ln), lines[-1] if lines else "")
             raise RuntimeError(f"Prefect API server exited with code {proc.returncode}: {cause.strip()}")
         try:
@@ -68,8 +71,13 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
 
 
 @contextmanager
-def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
-    """The API URL of a Prefect server for this home: `family ui`'s if live, else a temporary one."""
+def api_server(home: Home, timeout_s: float = 120.0, services: bool = False) -> Iterator[str]:
+    """The API URL of a Prefect server for this home: `family ui`'s if live, else a temporary one.
+
+    A temporary server is ephemeral (no background services) unless `services`: a schedule needs
+    the scheduler service to create its flow runs, which an ephemeral server does not run (a served
+    deployment then shows an active schedule and never fires).
+    """
     url = os.environ.get("PREFECT_API_URL") or server_url(home)
     if url:
         os.environ["PREFECT_API_URL"] = url
@@ -77,7 +85,9 @@ def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
         return
     port = free_port()
     app_dir = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
-    env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1", PREFECT__SERVER_FINAL="1")
+    env = dict(os.environ, PREFECT_UI_ENABLED="0", PREFECT__SERVER_FINAL="1")
+    if not services:
+        env["PREFECT__SERVER_EPHEMERAL"] = "1"
     cmd = [
         sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory", "prefect.server.api.server:create_app",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
@@ -88,9 +98,13 @@ def api_server(home: Home, timeout_s: float = 120.0) -> Iterator[str]:
     home.prefect_home.mkdir(parents=True, exist_ok=True)
     with open(home.prefect_home / "server-start.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # the server's own log goes to a file: a pipe nobody reads fills up (64 KiB) and then blocks the
+        # server mid-request (a server with services logs enough to get there within minutes)
+        log_file = home.prefect_home / "api-server.log"
+        with open(log_file, "wb") as log:
+            proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=log)
         try:
-            wait_healthy(proc, url, timeout_s)
+            wait_healthy(proc, url, timeout_s, log_file)
         except BaseException:
             stop_group(proc)
             raise

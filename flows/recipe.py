@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import yaml
 from stages.contract import ConfigError, build_config, check_type, config_to_json, stage_inputs
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # also the stage's folder: `../x` must not escape the home
 TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register", "extends"}
 MERGED = ("modules", "launch", "register")  # mappings an extending recipe adds to
 
@@ -155,7 +157,8 @@ def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line, whatever the YAML parser says
+        raise RecipeError(f"{path}{at}: not valid YAML ({problem})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with a 'stages' key")
     unknown = set(raw) - TOP_LEVEL
@@ -189,6 +192,9 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
     stages_raw = raw.get("stages") or {}
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise RecipeError(f"{path}: 'stages' must map stage names to their config")
+    for k, v in stages_raw.items():
+        if v is not None and not isinstance(v, dict):
+            raise RecipeError(f"{path}: stages.{k} must be a mapping of config fields (or empty), got {type(v).__name__} {v!r:.40}")
     stages_raw = {k: dict(v or {}) for k, v in stages_raw.items()}
     origin: dict[tuple[str, str], str] = {}
     top = {k: raw.get(k) for k in ("seed", "device")}
@@ -212,6 +218,8 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
     launch = raw.get("launch") or {}
     specs: dict[str, StageSpec] = {}
     for stage, values in stages_raw.items():
+        if not STAGE_NAME.fullmatch(str(stage)):  # a stage name is a directory name in the home
+            raise RecipeError(f"{path}: stage name {stage!r} must be lowercase letters, digits and _ (starting with a letter)")
         module_name = modules.get(stage, f"stages.{stage}")
         module = _import_stage(stage, module_name, f"{path}: stages.{stage}")
         # validate field by field so the message names the --set or the recipe line that was wrong

@@ -240,10 +240,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     checkpoint(ctx, step, policy, optimizer, cfg, clock, final=True, order=order, curve=curve)
     acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
     stop = stopped_by(step, cfg.max_steps)
-    derived["samples_per_s"] = clock.rate(2 * run_pairs)
     result = summarize(cfg, derived, step, stop, ev, acc, sft_acc, curve)
+    result.metrics["samples_per_s"] = clock.rate(2 * run_pairs)  # training time only
     out = save_model_dir(policy, sft_dir, ctx.output("dpo"))
-    write_run_meta(out, "dpo", step, cfg.max_steps, stop, clock, result.metrics, derived, cfg, curve,
+    write_run_meta(out, "dpo", step, cfg.max_steps, stop, result.metrics, derived, cfg, curve,
                    heldout={"key": heldout_key(prompts, cfg.max_new_tokens), "acc": acc, "sft_acc": sft_acc})
     return result
 

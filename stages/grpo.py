@@ -329,7 +329,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     stop = stopped_by(step, cfg.max_steps)
     result = summarize(cfg, derived, step, stop, acc, start_acc, sft_acc, curve, gen_total, train_total)
     out = save_model_dir(policy, src_dir, ctx.output("grpo"))
-    write_run_meta(out, "grpo", step, cfg.max_steps, stop, clock, result.metrics, derived, cfg, curve,
+    write_run_meta(out, "grpo", step, cfg.max_steps, stop, result.metrics, derived, cfg, curve,
                    heldout={"key": key, "acc": acc, "sft_acc": sft_acc})
     return result
 

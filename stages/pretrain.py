@@ -401,7 +401,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                        val_loss, val_bpb, curve, samples, mfu(tokens_per_s))
     if ctx.is_main:
         out = save_model_dir(raw_model, tokenizer_dir, ctx.output("base"))
-        write_run_meta(out, "pretrain", step, total_steps, stopped_by(step, total_steps), clock, result.metrics, derived,
+        write_run_meta(out, "pretrain", step, total_steps, stopped_by(step, total_steps), result.metrics, derived,
                        cfg, curve, seq_len=cfg.seq_len, eot_id=eot_id)
         ctx.tracker.log_text(samples, "samples/final.md")
     rt.close()

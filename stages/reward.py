@@ -185,10 +185,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # save: a final checkpoint, then the artifact
     checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, order=order, curve=curve)
     stop = stopped_by(step, cfg.max_steps)
-    derived["samples_per_s"] = clock.rate(2 * run_pairs)
     result = summarize(cfg, derived, step, stop, ev, curve)
+    result.metrics["samples_per_s"] = clock.rate(2 * run_pairs)  # training time only
     out = save_model_dir(model, sft_dir, ctx.output("reward_model"), hf=False)
-    write_run_meta(out, "reward", step, cfg.max_steps, stop, clock, result.metrics, derived, cfg, curve, val=ev)
+    write_run_meta(out, "reward", step, cfg.max_steps, stop, result.metrics, derived, cfg, curve, val=ev)
     return result
 
 

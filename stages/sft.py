@@ -391,7 +391,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # save the `sft` model directory: a chat model's turn ends at <|im_end|>
     out = save_model_dir(model, base_dir, ctx.output("sft"), eos_token=IM_END)
-    write_run_meta(out, "sft", step, total_steps, stop, clock, result.metrics, derived, cfg, curve, base=str(base_dir))
+    write_run_meta(out, "sft", step, total_steps, stop, result.metrics, derived, cfg, curve, base=inputs["base"].fingerprint)
     ctx.tracker.log_text(result.summary, "sft_summary.md")
     return result
 

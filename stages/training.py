@@ -385,15 +385,29 @@ def open_model_input(inputs: dict[str, Artifact], name: str, stage: str,
 # -- the run's record --------------------------------------------------------------------------------
 
 
-def write_run_meta(out: Path, stage: str, step: int, total_steps: int, stop: str, clock: Clock,
-                   result_metrics: dict[str, float], derived: dict[str, Any], cfg: Any, curve: list[dict[str, Any]],
-                   **extra: Any) -> Path:
+def is_timing(key: str) -> bool:
+    """A measurement of this machine's speed (seconds, throughput, MFU), not a result of the run."""
+    return key.endswith(("_seconds", "_per_s", "elapsed_s", "_s_this_run")) or key in ("mfu", "train/mfu", "seconds")
+
+
+def without_timings(value: Any) -> Any:
+    """`value` with every timing key (is_timing) dropped from the mappings in it, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if not is_timing(str(k))}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def write_run_meta(out: Path, stage: str, step: int, total_steps: int, stop: str, result_metrics: dict[str, float],
+                   derived: dict[str, Any], cfg: Any, curve: list[dict[str, Any]], **extra: Any) -> Path:
     """meta.json of a trained model directory: what the run did, in the same keys for every trainer
-    (steps, total_steps, stopped_by, elapsed_s of training, eval_s_this_run, metrics, derived sizes,
-    config, curve), plus the stage's own `extra` keys."""
-    meta = {"stage": stage, "steps": step, "total_steps": total_steps, "stopped_by": stop, "elapsed_s": clock.seconds,
-            "eval_s_this_run": clock.paused_s, "metrics": result_metrics, "derived": derived,
-            "config": dataclasses.asdict(cfg), "curve": curve, **extra}
+    (steps, total_steps, stopped_by, metrics, derived sizes, config, curve), plus the stage's own
+    `extra` keys. No timings and no paths: the directory's bytes are a function of the inputs and
+    the config, so two homes (or a rerun) that train the same model publish the same content and
+    everything downstream is shared or reused. Timings go to the stage's result and MLflow."""
+    meta = {"stage": stage, "steps": step, "total_steps": total_steps, "stopped_by": stop, "metrics": result_metrics,
+            "derived": derived, "config": dataclasses.asdict(cfg), "curve": curve, **extra}
     path = out / "meta.json"
-    path.write_text(json.dumps(meta, indent=2, default=str))
+    path.write_text(json.dumps(without_timings(meta), indent=2, default=str))
     return path

@@ -154,8 +154,11 @@ class ArtifactStore:
         return Published(stage, fingerprint, d, manifest)
 
     def history(self, stage: str) -> list[Published]:
-        """Every published artifact of a stage, newest first."""
-        root = self.home.artifacts / stage
+        """Every published artifact of a stage, newest first (none for a name that is no stage's)."""
+        try:
+            root = self.home.stage_dir(stage, "_").parent
+        except ValueError:
+            return []
         if not root.is_dir():
             return []
         found = [p for d in root.iterdir() if (p := self.published(stage, d.name)) is not None]

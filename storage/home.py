@@ -60,12 +60,19 @@ class Home:
         return self.root / "mlartifacts"
 
     def stage_dir(self, stage: str, fingerprint: str) -> Path:
-        return self.artifacts / stage / fingerprint
+        return self.artifacts / _name(stage) / _name(fingerprint)
 
     def work_dir(self, stage: str, fingerprint: str) -> Path:
-        return self.work / stage / fingerprint
+        return self.work / _name(stage) / _name(fingerprint)
 
     def ensure(self) -> "Home":
         for d in (self.artifacts, self.work, self.state, self.prefect_home, self.mlflow_artifacts):
             d.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def _name(part: str) -> str:
+    """A stage name or fingerprint used as one folder name: never a path that leaves the home."""
+    if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part:
+        raise ValueError(f"{part!r} is not a stage name or fingerprint")
+    return part

@@ -106,10 +106,12 @@ def read_local(path: Path, failures: Counter, *, max_bytes: int) -> Iterator[dic
 
 def _jsonl_pages(path: Path, url: str, fetched_at: datetime, failures: Counter, max_bytes: int) -> Iterator[dict[str, Any]]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    records = 0
     with opener(path, "rb") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            records += 1
             try:
                 record = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -121,6 +123,8 @@ def _jsonl_pages(path: Path, url: str, fetched_at: datetime, failures: Counter, 
             row = _text_page(_record_url(record, url, f"line-{n}"), record.get("text"), fetched_at, failures, max_bytes)
             if row is not None:
                 yield row
+    if records == 0:
+        failures["empty"] += 1
 
 
 def _parquet_pages(path: Path, url: str, fetched_at: datetime, failures: Counter, max_bytes: int) -> Iterator[dict[str, Any]]:

@@ -97,5 +97,10 @@ def read_warc(
                 yield page_row(url, url, status, content_type, fetched_at, body)
     except ArchiveLoadFailed:
         failures["not_warc" if n_records == 0 else "corrupt"] += 1
-    except (zlib.error, EOFError, ValueError, OSError):
+        return
+    except (zlib.error, EOFError, ValueError, OSError, AttributeError, TypeError, KeyError, IndexError):
+        # warcio on bytes that are not quite a record (tests/test_fuzz.py found AttributeError, too)
         failures["corrupt"] += 1
+        return
+    if n_records == 0:  # an empty file, or bytes warcio reads as no record at all
+        failures["not_warc"] += 1

@@ -90,6 +90,8 @@ def test_resume_continues_exactly(world, tmp_path):
     b = GPT.from_pretrained(resumed.output("grpo")).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [p["reward/mean"] for p in a_result.tables["train_curve"]] == [p["reward/mean"] for p in b_result.tables["train_curve"]]
+    files = lambda d: {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
+    assert files(straight.output("grpo")) == files(resumed.output("grpo"))  # meta.json too: no timings in it
 
 
 def test_reward_model_term_is_mixed_in(world, tmp_path):

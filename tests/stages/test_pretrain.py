@@ -210,6 +210,12 @@ def test_killed_run_resumes_to_the_same_weights(corpus, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     # checkpoints: the last two only, the final step among them
     assert sorted(p.name for p in (root / "ckpt").iterdir()) == ["step-00000024", "step-00000030"]
+    # the whole model directory, meta.json included, is the same bytes: no timings, no paths in it
+    assert dir_bytes(whole_ctx.output("base")) == dir_bytes(resumed_ctx.output("base"))
+
+
+def dir_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_wall_clock_budget_stops_cleanly(corpus, tmp_path):

@@ -297,17 +297,20 @@ def test_open_model_input_errors_are_one_line(model_dir, tmp_path, damage, says)
     assert msg.endswith("rebuild the stage that writes 'sft'")
 
 
-def test_write_run_meta_has_the_same_keys_for_every_trainer(tmp_path, fake_time):
+def test_write_run_meta_has_the_same_keys_for_every_trainer_and_no_timings(tmp_path):
     from stages import reward
 
-    clock = training.Clock()
-    fake_time.now += 3
-    path = training.write_run_meta(tmp_path, "reward", 5, 10, "max_minutes", clock, {"val_pair_acc": 0.9},
-                                   {"train_pairs": 4}, reward.Config(), [{"step": 0}], val={"pair_acc": 0.9})
+    path = training.write_run_meta(tmp_path, "reward", 5, 10, "max_minutes", {"val_pair_acc": 0.9, "samples_per_s": 812.0},
+                                   {"train_pairs": 4, "samples_per_s": 3.0}, reward.Config(),
+                                   [{"step": 1, "loss": 0.5, "gen_seconds": 1.2, "train_seconds": 0.3}], val={"pair_acc": 0.9})
     meta = json.loads(path.read_text())
-    assert {k: meta[k] for k in ("stage", "steps", "total_steps", "stopped_by", "elapsed_s")} == {
-        "stage": "reward", "steps": 5, "total_steps": 10, "stopped_by": "max_minutes", "elapsed_s": 3.0}
+    assert {k: meta[k] for k in ("stage", "steps", "total_steps", "stopped_by")} == {
+        "stage": "reward", "steps": 5, "total_steps": 10, "stopped_by": "max_minutes"}
     assert meta["config"]["lr"] == reward.Config().lr and meta["val"] == {"pair_acc": 0.9}
+    # a model directory's bytes must not depend on the machine's speed: timings live in the result only
+    assert meta["metrics"] == {"val_pair_acc": 0.9} and meta["derived"] == {"train_pairs": 4}
+    assert meta["curve"] == [{"step": 1, "loss": 0.5}]
+    assert training.is_timing("train/tokens_per_s") and training.is_timing("stage_seconds") and not training.is_timing("steps")
 
 
 # -- what every trainer shares ---------------------------------------------------------------------
