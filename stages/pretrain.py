@@ -335,9 +335,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # the loop: evaluate, stop or take one optimizer step, checkpoint
     clock = Clock(ck.get("elapsed_s", 0.0))
-    train_loss, val_loss, samples = None, float("nan"), ""
+    train_loss, val_loss, samples = ck.get("train_loss"), float("nan"), ""  # the last logged mean goes into the curve
     run_tokens, tokens_log = 0, 0  # this process's share of this run, for tokens/s
-    loss_acc, n_acc = torch.zeros((), device=device), 0  # train loss summed over the steps since the last log
+    # train loss summed over the steps since the last log (kept in checkpoints: a resumed run logs the same means)
+    loss_acc, n_acc = torch.tensor(ck.get("loss_sum", 0.0), device=device), ck.get("loss_n", 0)
+
+    def loop_state() -> dict[str, Any]:
+        return {"loader": loader, "tokens_seen": tokens_seen, "curve": curve, "train_loss": train_loss,
+                "loss_sum": loss_acc.item(), "loss_n": n_acc, "gpt_config": gcfg.to_dict()}
+
     while True:
         out_of_time = step % cfg.log_every == 0 and all_ranks_max(float(clock.over(cfg.max_minutes)), ctx.world_size, device) > 0
         last = step >= total_steps or out_of_time
@@ -389,12 +395,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             if ctx.is_main:
                 ctx.tracker.log_metrics(metrics, step=step)
                 ctx.progress(step, total_steps, "pretrain", loss=train_loss)
-        checkpoint(ctx, step, raw_model, optimizer, cfg, clock, loader=loader, tokens_seen=tokens_seen, curve=curve,
-                   gpt_config=gcfg.to_dict())
+        checkpoint(ctx, step, raw_model, optimizer, cfg, clock, **loop_state())
 
     # save: a final checkpoint (a crash during export resumes here), then the `base` artifact
-    checkpoint(ctx, step, raw_model, optimizer, cfg, clock, final=True, loader=loader, tokens_seen=tokens_seen, curve=curve,
-               gpt_config=gcfg.to_dict())
+    checkpoint(ctx, step, raw_model, optimizer, cfg, clock, final=True, **loop_state())
     tokens_per_s = clock.rate(run_tokens)
     val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
     result = summarize(cfg, derived, step, stopped_by(step, total_steps), tokens_seen, tokens_per_s, train_loss,

@@ -336,8 +336,14 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # the loop: evaluate, stop or take one optimizer step, checkpoint
     model.train()
     clock = Clock(ck.get("elapsed_s", 0.0))
-    train_loss, val_loss = None, float("nan")
-    loss_acc, n_acc, tokens_log, run_tokens = torch.zeros((), device=device), 0, 0, 0
+    train_loss, val_loss = ck.get("train_loss"), float("nan")  # the last logged mean goes into the curve
+    loss_acc, n_acc = torch.tensor(ck.get("loss_sum", 0.0), device=device), ck.get("loss_n", 0)  # since the last log
+    tokens_log, run_tokens = 0, 0
+
+    def loop_state() -> dict[str, Any]:
+        return {"loader": loader, "curve": curve, "base_metrics": base_acc, "train_loss": train_loss,
+                "loss_sum": loss_acc.item(), "loss_n": n_acc}
+
     while True:
         last = step >= total_steps or clock.over(cfg.max_minutes)
         if (step % cfg.eval_every == 0 or last) and len(val_rows):
@@ -369,10 +375,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                                      "train/tokens_per_s": clock.lap(tokens_log), "train/epoch": loader.epoch}, step=step)
             tokens_log = 0
             ctx.progress(step, total_steps, "sft", loss=train_loss, val_loss=val_loss)
-        checkpoint(ctx, step, model, optimizer, cfg, clock, loader=loader, curve=curve, base_metrics=base_acc)
+        checkpoint(ctx, step, model, optimizer, cfg, clock, **loop_state())
 
     # a final checkpoint (a crash during evaluation or export resumes here), then merge and evaluate
-    checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, loader=loader, curve=curve, base_metrics=base_acc)
+    checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, **loop_state())
     if lora_layers:
         merge_lora(model)
     model.eval()
