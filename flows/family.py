@@ -10,6 +10,7 @@ their checkpoints instead.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -84,6 +85,10 @@ class PrefectProgress:
             update_progress_artifact(self.id, pct, description=f"{self.stage}: {desc} {done:g}/{total:g} {shown}".strip())
         except Exception:  # a progress update must never fail a stage
             pass
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def is_network_error(exc: BaseException) -> bool:
@@ -253,10 +258,19 @@ def stage_task(
                 result = spec.module.run(spec.config, artifacts, ctx)
             check_result(spec.module, result, run_dir)
         except BaseException as e:
-            write_json_atomic(work / "failed.json", {"error": f"{type(e).__name__}: {e}" if not isinstance(e, StageError) else str(e), "time": time.time()})
+            if is_disk_full(e):  # the user's environment, not a bug: one line naming where
+                e = StageError(f"{stage}: no space left on the device of {getattr(e, 'filename', None) or home.root} "
+                               f"({e.strerror}); free some space and run the same command again: nothing half-written "
+                               f"was published")
+            try:
+                write_json_atomic(work / "failed.json", {"error": f"{type(e).__name__}: {e}" if not isinstance(e, StageError) else str(e), "time": time.time()})
+            except OSError:  # the disk that is full
+                pass
             if lineage is not None:
                 tracker.set_tags({"error": str(e)[:500]})
                 lineage.end(tracker.run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            if isinstance(e, StageError):
+                raise e from None
             raise
         seconds = time.perf_counter() - t0
         result.metrics.setdefault("stage_seconds", seconds)
@@ -432,6 +446,14 @@ def family_flow(
                 _echo(f"  x {name:<10} failed: {e}")
                 continue
             except Exception as e:  # internal error: its traceback goes to a log file, the other branches go on
+                if is_disk_full(e):  # while publishing: the user's environment, one line
+                    msg = (f"{name}: no space left on the device of {e.filename or h.root} ({e.strerror}); free some "
+                           f"space and run the same command again: nothing half-written was published")
+                    failures.append(msg)
+                    blocked.add(name)
+                    report["stages"][name] = {"status": "failed", "error": msg}
+                    _echo(f"  x {name:<10} failed: {msg}")
+                    continue
                 log_file = write_traceback(h, name)
                 failures.append(f"stage {name}: internal error {type(e).__name__}: {e}; traceback in {log_file} (`family logs {name}`)")
                 blocked.add(name)

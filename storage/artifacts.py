@@ -236,6 +236,8 @@ class ArtifactStore:
         write_json_atomic(out_dir / "config.json", config)
         write_json_atomic(out_dir / "result.json", result)
         os.rename(out_dir, final)
+        for stale in [p for p in final.rglob(".*") if ".tmp-" in p.name and p.is_file()]:
+            stale.unlink()  # an atomic write of an attempt killed before its rename: never part of the artifact
         files = []
         for p in sorted(final.rglob("*")):
             if p.is_file():

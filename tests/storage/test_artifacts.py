@@ -129,3 +129,18 @@ def test_a_manifest_that_does_not_parse_is_no_artifact(tmp_path):
     store, pub = _published_with(tmp_path, {"a.bin": b"x"})
     (pub.dir / "manifest.json").write_text("{trunc")
     assert store.published("s", "fp1") is None
+
+
+def test_the_temporary_files_of_a_killed_attempt_are_not_published(tmp_path):
+    """`.<name>.tmp-<pid>` is how every atomic write here starts; one left by an attempt killed before
+    its rename must not become part of the artifact (it made a resumed tokenizer's `tokens` differ)."""
+    store = ArtifactStore(Home(tmp_path / "home").ensure())
+    with store.lease("s", "fp1") as work:
+        out = work / "out"
+        (out / "tokens").mkdir(parents=True)
+        (out / "tokens" / "train.bin").write_bytes(b"12345")
+        (out / "tokens" / ".train.bin.tmp-4242").write_bytes(b"123")  # from the killed attempt
+        (out / "tokens" / ".keep").write_bytes(b"")  # a dotfile that is no temporary stays
+        pub = store.publish("s", "fp1", out, {"tokens": {}}, config={}, result={}, upstream={})
+    assert sorted(f["path"] for f in pub.manifest["files"] if f["path"].startswith("tokens/")) == ["tokens/.keep", "tokens/train.bin"]
+    assert not (pub.dir / "tokens" / ".train.bin.tmp-4242").exists() and pub.problems(deep=True) == []
