@@ -19,6 +19,7 @@ import torch
 
 from models.generate import stream_generate
 from models.gpt import GPT
+from models.quant import load_model
 from models.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
@@ -63,7 +64,7 @@ def reply(model: GPT, tok: Tokenizer, messages: Messages, max_new_tokens: int, t
 
 def load(model_dir: Path) -> tuple[GPT, Tokenizer]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = GPT.from_pretrained(model_dir, device=device)
+    model = load_model(model_dir, device=device)  # plain or quantized (chat-int4: QuantLinear)
     model.eval()
     return model, Tokenizer.load(model_dir)
 

@@ -13,6 +13,8 @@ Examples:
   family sql "select reason, count(*) from excluded group by 1"
   family generate --model base "The json module"   sample from the base model
   family chat                                  talk to the newest chat model (grpo, else dpo, else sft)
+  family search "json dumps" --mode hybrid     search the corpus (bm25, dense, hybrid, reranked)
+  family rag "How do I parse a URL query string?"   answer from the corpus, with cited passages
   family ui                                    Prefect UI and MLflow UI on 127.0.0.1 (Ctrl-C stops both)
   family serve --refresh crawl                 nightly: re-crawl, rebuild only what the new pages change
 
@@ -200,6 +202,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("outputs:")
     for name, art in pub.artifacts().items():
         print(f"  {name}: {art.path}")
+        for f in sorted(Path(art.path).glob("*.gguf")) if Path(art.path).is_dir() else ():
+            print(f"    {f}")  # the GGUF files llama.cpp and Ollama load
     total = sum(f["bytes"] for f in pub.manifest["files"])
     print(f"files: {len(pub.manifest['files'])} ({total / 1e6:.2f} MB)")
     if res.get("summary"):
@@ -471,9 +475,9 @@ def registered_model(home: Home, uri: str) -> Path:
 
 
 def resolve_model(home: Home, name: str) -> Path:
-    """A model directory from a path, an output name (base, sft, dpo, grpo), `chat` (the newest
-    stage of the chat line that is published) or a registry URI (`models:/tiny-chat/latest`,
-    `models:/tiny-chat/3`), resolved in the home's MLflow registry."""
+    """A model directory from a path, an output name (base, sft, dpo, grpo, small, chat_int8 or
+    chat-int8, ...), `chat` (the newest stage of the chat line that is published) or a registry URI
+    (`models:/tiny-chat/latest`, `models:/tiny-chat/3`), resolved in the home's MLflow registry."""
     from storage.artifacts import ArtifactStore
 
     p = Path(name)
@@ -482,7 +486,7 @@ def resolve_model(home: Home, name: str) -> Path:
     if name.startswith("models:/"):
         return registered_model(home, name)
     store = ArtifactStore(home)
-    wanted = CHAT_MODELS if name == "chat" else (name,)
+    wanted = CHAT_MODELS if name == "chat" else (name.replace("-", "_"),)  # member names say chat-int4
     for out in wanted:
         for stage in store.stages():
             for pub in store.history(stage):
@@ -501,7 +505,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from models.generate import generate
-    from models.gpt import GPT
+    from models.quant import load_model
     from models.tokenizer import Tokenizer
 
     try:
@@ -509,7 +513,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         return _err(str(e))
     torch.manual_seed(args.seed)
-    model = GPT.from_pretrained(model_dir).eval()
+    model = load_model(model_dir).eval()  # plain or quantized (QuantLinear)
     tok = Tokenizer.load(model_dir)
     prompts = [tok.encode(p) for p in args.prompt]
     gen = torch.Generator().manual_seed(args.seed)
@@ -530,6 +534,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         return _err(str(e))
     return chat_main(model_dir, args.prompt, args.max_new_tokens, args.temperature, args.system)
+
+
+def _retrieval_paths(args: argparse.Namespace) -> dict[str, Path]:
+    """The passages, embedder, reranker and chat model of the home (names, paths or registry URIs)."""
+    home = Home.resolve(args.home)
+    names = {"passages": "passages", "embedder": args.embedder, "reranker": args.reranker,
+             "chat": getattr(args, "model", "chat")}
+    return {k: resolve_model(home, v) for k, v in names.items() if k != "chat" or args.command == "rag"}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from flows.rag import search_main
+
+    try:
+        paths = _retrieval_paths(args)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    return search_main(paths, args.query, args.mode, args.k)
+
+
+def cmd_rag(args: argparse.Namespace) -> int:
+    from flows.rag import rag_main
+
+    try:
+        paths = _retrieval_paths(args)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    return rag_main(paths, args.question, args.k, args.max_new_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a model of the family", epilog='example: family generate --model base "The json module"')
     p.add_argument("prompt", nargs="+", help="one or more prompts (batched)")
-    p.add_argument("--model", default="base", help="base, sft, dpo, grpo, chat, a registry URI (models:/tiny-base/latest), or a model directory (default: base)")
+    p.add_argument("--model", default="base", help="base, sft, dpo, grpo, chat, small, chat-int8, chat-int4, a registry URI (models:/tiny-base/latest), or a model directory (default: base)")
     p.add_argument("--home")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -590,13 +622,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model of the family (interactive, or one-shot with --prompt)", epilog='example: family chat --prompt "What is 12 + 30?"')
-    p.add_argument("--model", default="chat", help="chat (newest of grpo, dpo, sft), sft, dpo, grpo, a registry URI (models:/tiny-chat/latest), or a model directory")
+    p.add_argument("--model", default="chat", help="chat (newest of grpo, dpo, sft), sft, dpo, grpo, small (distilled), chat-int8, chat-int4, small-int4 (quantized), a registry URI (models:/tiny-chat/latest), or a model directory")
     p.add_argument("--prompt", help="one-shot: answer this and exit")
     p.add_argument("--system", help="a system message")
     p.add_argument("--home")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.set_defaults(func=cmd_chat)
+
+    for name, helptext in (("search", "search the corpus: BM25, dense, hybrid or reranked"),
+                           ("rag", "answer a question from the corpus, citing the passages used")):
+        p = sub.add_parser(name, help=helptext, epilog=f'example: family {name} "How do I parse a URL query string?"')
+        p.add_argument("query" if name == "search" else "question")
+        p.add_argument("--k", type=int, default=5 if name == "search" else 2, help="passages shown (rag: put in the context)")
+        p.add_argument("--embedder", default="embedder", help="embedder: an output name, a model directory or a registry URI")
+        p.add_argument("--reranker", default="reranker", help="reranker: an output name, a model directory or a registry URI")
+        p.add_argument("--home")
+        if name == "search":
+            p.add_argument("--mode", choices=["bm25", "dense", "hybrid", "reranked"], default="reranked")
+            p.set_defaults(func=cmd_search)
+        else:
+            p.add_argument("--model", default="chat", help="the chat model that answers (default: the newest of grpo, dpo, sft)")
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.set_defaults(func=cmd_rag)
 
     p = sub.add_parser("serve", help="run the family flow on a schedule (e.g. a nightly re-crawl)", epilog="example: family serve --cron '0 3 * * *' --refresh crawl")
     _add_common(p)

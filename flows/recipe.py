@@ -167,6 +167,8 @@ def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_ref = raw.pop("extends", None)
     if parent_ref is None:
         return raw
+    if not isinstance(parent_ref, str) or not parent_ref.strip() or len(parent_ref) > 255:
+        raise RecipeError(f"{path}: extends must name one recipe (a name or a path), got {parent_ref!r:.60}")
     local = path.parent / str(parent_ref)
     try:
         parent_path = local.resolve() if local.is_file() else resolve_path(str(parent_ref))

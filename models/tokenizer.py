@@ -27,6 +27,12 @@ VISION_END = "<|vision_end|>"
 IMAGE_PAD = "<|image_pad|>"
 SPECIAL_TOKENS = (EOT, IM_START, IM_END, THINK, THINK_END, VISION_START, VISION_END, IMAGE_PAD)
 
+# Qwen2's pre-tokenization regex (its tokenizer.json): contractions, letters with at most one leading
+# non-letter, single digits, punctuation runs, newlines, spaces. llama.cpp knows it as "qwen2" and
+# Ollama's qwen3 engine always applies it, so a GGUF of our models tokenizes as we do.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"

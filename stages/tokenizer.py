@@ -9,9 +9,13 @@ with HF `tokenizers` on the train documents, and writes
 - `tokens`: train.bin / val.bin (every document's ids followed by <|endoftext|>, uint16 when the
   vocabulary fits) and meta.json with token, byte and document counts per split.
 
-The tokenizer: digits split one per token (`split_digits`, as Llama and Qwen do: a number's tokens
-then line up with its digits, which is what arithmetic needs), then the GPT-2 pre-tokenization
-regex and byte-to-unicode map (ByteLevel, no prefix space), no normalizer, so decode(encode(text)) == text for any text; the 8 special tokens of
+The tokenizer: Qwen2's pre-tokenization regex (`models.tokenizer.QWEN2_PATTERN`), which among
+other things splits digits one per token (`split_digits`, as Llama and Qwen do: a number's tokens
+then line up with its digits, which is what arithmetic needs), then the byte-to-unicode map
+(ByteLevel, no prefix space, no regex of its own), no normalizer, so decode(encode(text)) == text
+for any text. llama.cpp knows this pre-tokenizer as "qwen2" and Ollama's qwen3 engine always uses
+it, so the GGUF exports (stages/quantize.py) tokenize exactly as we do. split_digits=false is GPT-2's
+regex instead (llama.cpp "gpt-2"). The 8 special tokens of
 `models.tokenizer.SPECIAL_TOKENS` take ids 0..7, then the 256 byte symbols, then the merges.
 
 Deviations: the tokenizer is trained on the train split only, so that validation bits per byte are
@@ -33,9 +37,9 @@ from typing import Iterator
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
-from models.tokenizer import EOT, SPECIAL_TOKENS, Tokenizer
+from models.tokenizer import EOT, QWEN2_PATTERN, SPECIAL_TOKENS, Tokenizer
 from stages.contract import StageContext, StageError, StageResult, main
 from storage import parquet
 from storage.artifacts import Artifact
@@ -49,7 +53,7 @@ ENCODE_BATCH_DOCS = 256  # documents per encode_batch call: enough for the Rust 
 class Config:
     vocab_size: int = 4096
     min_frequency: int = 2  # a pair must occur this often to be merged
-    split_digits: bool = True  # one token per digit (Llama, Qwen); false: GPT-2 style multi-digit tokens
+    split_digits: bool = True  # Qwen2's regex: one token per digit (Llama, Qwen); false: GPT-2's, multi-digit tokens
     val_frac: float = 0.05  # fraction of documents (by id hash) held out; at least one
     max_train_bytes: int = 1_000_000_000  # cap on the text the BPE trainer sees
 
@@ -82,9 +86,12 @@ def assign_splits(ids: list[str], val_frac: float) -> list[bool]:
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, split_digits: bool = True) -> HFTokenizer:
     """Byte-level BPE with SPECIAL_TOKENS at ids 0..len-1."""
     tok = HFTokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    if split_digits:  # exactly the pre_tokenizer of Qwen2's tokenizer.json
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -87,11 +87,30 @@ PROMPTS = pa.schema(
     ]
 )
 
+# retrieval (stages/retrieval.py): the corpus chunked by meaning, one row per passage; `split` is its
+# page's split (train pages give training pairs; every split is searched)
+PASSAGES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("doc_id", pa.string()),
+        ("url", pa.string()),  # the page URL with the passage's anchor ("...json.html#-dumps")
+        ("title", pa.string()),  # "json.dumps", "json: Pretty printing"
+        ("text", pa.string()),
+        ("kind", pa.string()),  # module | section | function | class
+        ("split", pa.string()),
+    ]
+)
+
+# one row per query: its positive passage and mined hard negatives as passage ids (the text is in
+# `passages`), how it was made (`kind`) and its word overlap with the positive
 PAIRS = pa.schema(
     [
+        ("id", pa.string()),
         ("query", pa.string()),
+        ("kind", pa.string()),
         ("positive", pa.string()),
         ("negatives", pa.list_(pa.string())),
+        ("overlap", pa.float32()),
         ("split", pa.string()),
     ]
 )
@@ -116,6 +135,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "chat": CHAT,
     "prefs": PREFS,
     "prompts": PROMPTS,
+    "passages": PASSAGES,
     "pairs": PAIRS,
     "qrels": QRELS,
     "images": IMAGES,

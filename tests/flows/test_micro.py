@@ -1,6 +1,7 @@
 """End to end: the whole family DAG on the `micro` recipe (real pydoc crawl, every stage, real
 Prefect and MLflow), then the promises a user relies on: a second run reuses everything, status
-shows every stage published with its headline metrics, the chat model answers, it is registered."""
+shows every stage published with its headline metrics, the chat model answers, `family search` and
+`family rag` answer from the corpus, and the chat, embed and rerank members are registered."""
 from __future__ import annotations
 
 import json
@@ -41,6 +42,31 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
     assert any(k.startswith("acc/") for k in by_stage["sft"]["metrics"])
     assert "val_pair_acc" in by_stage["reward"]["metrics"] and "val_pref_acc" in by_stage["dpo"]["metrics"]
     assert any(k.startswith("sft_acc/") for k in by_stage["grpo"]["metrics"])
+    assert by_stage["retrieval"]["metrics"]["passages"] > 0 and by_stage["retrieval"]["metrics"]["test_queries"] > 0
+    for key in ("ndcg@10", "mrr@10", "recall@10", "recall@50", "bm25_ndcg@10", "hybrid_ndcg@10"):
+        assert key in by_stage["embed"]["metrics"], key
+    assert {"ndcg@10", "first_stage_ndcg@10"} <= set(by_stage["rerank"]["metrics"])
+    assert {"docqa_closed_acc", "docqa_open_acc"} <= set(by_stage["rag"]["metrics"])
+    for key in ("teacher_params", "params", "kl_to_teacher", "top1_agreement", "ce_only_steps"):
+        assert key in by_stage["distill"]["metrics"], key
+    assert any(k.startswith("ce_only_acc/") for k in by_stage["distill"]["metrics"])
+    for key in ("int8/loss_increase", "int4_rtn/loss_increase", "int4_gptq/loss_increase", "q4_0/size_ratio",
+                "small/int4_gptq/loss_increase"):
+        assert key in by_stage["quantize"]["metrics"], key
+    assert cli(["show", "quantize", "--home", str(home.root)]) == 0
+    assert "chat-q4_0.gguf" in capsys.readouterr().out  # the GGUF paths, for llama.cpp and Ollama
+
+    # search and rag over the corpus, as a user types them: passages with their URL, citations or "not found"
+    for argv in (["search", "json dumps", "--mode", "bm25"], ["search", "json dumps", "--k", "3"],
+                 ["rag", "How do I serialize an object to JSON?", "--max-new-tokens", "4"]):
+        out = subprocess.run([sys.executable, "-m", "flows.cli", *argv, "--home", str(home.root)],
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr
+        assert "http://" in out.stdout and ("[1]" in out.stdout or "Not found in the corpus" in out.stdout), out.stdout
+    out = subprocess.run([sys.executable, "-m", "bench.retrieval", "--home", str(home.root), "--queries", "3"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert {"bm25_ms_median", "dense_ms_median", "rerank20_ms_median"} <= set(json.loads(out.stdout.splitlines()[-1]))
 
     # the chat model answers from a separate process, as a user types it: the newest chat model of
     # the home, and the registered one by its registry URI (the same weights: the same greedy answer)
@@ -52,7 +78,15 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
         assert out.returncode == 0, out.stderr
         answers.append(out.stdout)
     assert answers[0] == answers[1] and answers[0].endswith("\n")
+    for model in ("small", "chat-int4", "models:/micro-chat-int8/latest"):  # the compressed members answer too
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--home", str(home.root), "--model", model,
+                              "--prompt", "What is 12 + 30?", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr
 
     client = MlflowClient(home.mlflow_uri)
     versions = client.search_model_versions("name = 'micro-chat'")
     assert len(versions) == 1 and client.get_run(versions[0].run_id).data.tags["stage"] == "grpo"
+    for member, stage in (("micro-embed", "embed"), ("micro-rerank", "rerank"), ("micro-small", "distill"),
+                          ("micro-chat-int8", "quantize"), ("micro-chat-int4", "quantize")):
+        versions = client.search_model_versions(f"name = '{member}'")
+        assert len(versions) == 1 and client.get_run(versions[0].run_id).data.tags["stage"] == stage

@@ -1,0 +1,47 @@
+"""Ranking metrics, fusion and BM25 terms against hand-computed cases."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from stages.search.bm25 import BM25Index, terms
+from stages.search.metrics import bootstrap_ci, mrr_at, ndcg_at, recall_at, rrf
+
+
+def test_ndcg_mrr_recall_by_hand():
+    ranking, rel = ["a", "b", "c"], {"b": 2, "d": 1}
+    dcg = 3 / math.log2(3)
+    idcg = 3 / math.log2(2) + 1 / math.log2(3)
+    assert math.isclose(ndcg_at(ranking, rel, 10), dcg / idcg)
+    assert mrr_at(ranking, rel, 10) == 0.5 and mrr_at(ranking, rel, 1) == 0.0
+    assert recall_at(ranking, rel, 10) == 0.5 and recall_at(["d", "b"], rel, 10) == 1.0
+    assert ndcg_at(["b", "d"], rel, 10) == 1.0
+
+
+def test_rrf_by_hand():
+    # a: 1/61; b: 1/62 + 1/61; c: 1/62
+    assert rrf([["a", "b"], ["b", "c"]], k=60) == ["b", "a", "c"]
+    assert rrf([["a", "b"], ["b", "c"]], k=60, depth=1) == ["b"]
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small, large = rng.random(50), rng.random(5000)
+    lo, hi = bootstrap_ci(small)
+    assert lo < small.mean() < hi
+    lo2, hi2 = bootstrap_ci(large)
+    assert hi2 - lo2 < (hi - lo) / 5
+
+
+def test_bm25_terms_keep_dotted_names_and_their_parts():
+    t = terms("Use os.path.join; parsing query strings")
+    assert {"os.path.join", "os", "path", "join"} <= set(t) and "pars" in t and "queri" in t
+
+
+def test_bm25_ranks_the_matching_passage_first_and_survives_unknown_words(tmp_path):
+    index = BM25Index.build(["heapq.heappush(heap, item) Push item onto heap.", "json.dumps Serialize obj to JSON."])
+    rows, scores = index.search(["push onto a heap", "zzzz"], 2)
+    assert rows[0, 0] == 0 and scores[0, 0] > 0 and (scores[1] == 0).all()
+    index.save(tmp_path / "bm25")
+    assert BM25Index.load(tmp_path / "bm25").search(["json"], 1)[0][0, 0] == 1

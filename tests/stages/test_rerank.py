@@ -1,0 +1,74 @@
+"""Rerank stage: the loss against a hand-computed case, the stage on a toy corpus, the
+sentence-transformers CrossEncoder loads (native yes/no and the seq-cls fallback)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from stages import rerank
+from stages.search.encode import RerankPrompt, rerank_scores
+from tests.stages.retrieval_toy import built
+
+
+def test_rerank_loss_by_hand():
+    scores = torch.tensor([[2.0, 0.0, -1.0]])
+    loss, stats = rerank.rerank_loss(scores, bce_weight=0.5)
+    e = math.exp
+    listwise = -math.log(e(2) / (e(2) + e(0) + e(-1)))
+    softplus = lambda x: math.log1p(e(x))  # noqa: E731  BCE(sigmoid(s), 1) = softplus(-s), BCE(., 0) = softplus(s)
+    pointwise = (softplus(-2) + softplus(0) + softplus(-1)) / 3
+    assert math.isclose(loss.item(), listwise + 0.5 * pointwise, rel_tol=1e-6)
+    assert stats["acc"] == 1.0
+
+
+def test_stage_reports_reranked_and_first_stage_and_a_threshold():
+    out = built()["reranker"]
+    metrics = json.loads((out / "meta.json").read_text())["metrics"]
+    for k in ("ndcg@10", "first_stage_ndcg@10", "delta_rerank_first_stage_ndcg@10_lo", "threshold", "abstain_offtopic",
+              "reorders", "val_ndcg@10", "val_first_stage_ndcg@10"):
+        assert k in metrics, k
+    settings = json.loads((out / "reranker.json").read_text())
+    assert settings["depth"] == 5 and settings["threshold"] == metrics["threshold"]
+    assert settings["reorders"] == (metrics["val_ndcg@10"] > metrics["val_first_stage_ndcg@10"])
+
+
+def test_search_keeps_the_first_stage_order_when_the_reranker_lost_on_val(tmp_path):
+    import shutil
+
+    from stages.search.pipeline import Retriever
+
+    paths = built()
+    rr = tmp_path / "reranker"
+    shutil.copytree(paths["reranker"], rr)
+    settings = json.loads((rr / "reranker.json").read_text())
+    for reorders in (True, False):
+        (rr / "reranker.json").write_text(json.dumps({**settings, "reorders": reorders}))
+        r = Retriever.open(paths["passages"], paths["embedder"], rr)
+        query = "Push item onto heap"
+        hybrid = [d for d, _ in r.hybrid(query, settings["depth"], settings["first_stage_depth"])]
+        hits = r.search(query, "reranked", settings["depth"])
+        scores = [h.score for h in hits]
+        if reorders:
+            assert scores == sorted(scores, reverse=True)
+        else:
+            assert [h.passage["id"] for h in hits] == hybrid
+
+
+@pytest.mark.parametrize("folder", ["hf", "hf/seq-cls"])
+def test_cross_encoder_predict_gives_our_scores(folder):
+    st = pytest.importorskip("sentence_transformers")
+    from models.gpt import GPT
+    from models.tokenizer import Tokenizer
+
+    out = built()["reranker"]
+    model, tok = GPT.from_pretrained(out).eval(), Tokenizer.load(out)
+    settings = json.loads((out / "reranker.json").read_text())
+    prompt = RerankPrompt(tok, settings["instruction"])
+    pairs = [("How to encode JSON?", "json.dumps(obj) Serialize obj to a JSON formatted str."),
+             ("cube root", "math.cbrt(x, /) Return the cube root of x."), ("heap", "Push item onto heap.")]
+    ours = rerank_scores(model, prompt, [q for q, _ in pairs], [p for _, p in pairs], settings["max_len"])
+    theirs = st.CrossEncoder(str(out / folder), device="cpu", local_files_only=True).predict(pairs)
+    assert torch.allclose(ours, torch.tensor(theirs, dtype=torch.float), atol=1e-4)
