@@ -105,9 +105,8 @@ def main() -> None:
             student = GPT(scfg)
             student.load_state_dict(init)
             steps = args.steps
-            if arm == "ce_flops":
-                per_step = student.flops_per_token(sum(len(x) for x, _ in train_set) / len(train_set))
-                steps = round(kd_flops / (per_step * 16 * sum(len(x) for x, _ in train_set) / len(train_set)))
+            if arm == "ce_flops":  # the CE step's FLOPs as counted on the same (padded) batches
+                steps = round(kd_flops / (row["ce_steps"]["flops"] / row["ce_steps"]["steps"]))
             t0 = time.perf_counter()
             flops = train(student, teacher if arm == "kd" else None, train_set, steps, cfg, tok.pad_id)
             kd_flops = flops if arm == "kd" else kd_flops

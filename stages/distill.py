@@ -42,12 +42,18 @@ conversations) and top1_agreement (share of those tokens where both argmaxes agr
 and the CE-only one (ce_only_kl_to_teacher, ...); params and teacher_params.
 
 Measured on the tiny family (300 steps of 16 conversations, under one epoch of the chat data): the
-half-width student reaches arith / count / string / wordprob 0.13 / 0.36 / 0.71 / 0.05 against the
-teacher's 0.99 / 0.58 / 0.97 / 0.75, and the CE-only student at equal compute (586 steps, no teacher
-forwards) 0.27 / 0.33 / 0.82 / 0.15; at 150 steps a full-width half-depth student beat its CE-only
-twin on count only (+0.10 +- 0.06). What limits it: pruning half the width costs the multi-step skills (worked
-sums) and a step budget for a 90-second stage cannot rebuild them; doubling the steps per second by
-caching the teacher's logits, or a longer budget, is the next lever.
+half-width student reaches arith / count / string / wordprob 0.05 / 0.40 / 0.86 / 0.03 against the
+teacher's 0.97 / 0.54 / 1.00 / 0.66, and the CE-only student at equal compute (586 steps, no teacher
+forwards) 0.23 / 0.44 / 0.98 / 0.11. Why (`python -m bench.distill`, val CE per assistant token from
+the same pruned init): per step the teacher's soft targets help a little (300 steps: KD 0.696, CE
+0.706), but a teacher forward costs about as much as a student's training step here (the 4096-row
+head dominates both), so CE gets twice the steps for the same FLOPs and wins. The targets of these
+tasks are deterministic (the teacher is near one-hot on them: little dark knowledge to transfer), and
+pruning half the width leaves a student at CE 5.9 (random: 8.3), which 300 steps cannot rebuild.
+On-policy distillation (on_policy 0.5, JSD beta 0.5) was worse still (string 0.18): the pruned
+student's samples are noise at first. Distillation pays when the teacher is cheap relative to the
+student's training step or the data is repeated (cached teacher logits amortised over epochs), neither
+true under this stage's 90-second budget.
 
 Deviations: the pruned student is not re-balanced after pruning (RMSNorm now averages over fewer
 channels), distillation repairs it; one teacher pass per batch (no cached teacher logits).
