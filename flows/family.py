@@ -38,6 +38,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
+from flows import dask_runner
 from flows.plan import StagePlan, make_plan
 from flows.processes import die_with_parent
 from flows.recipe import Recipe, StageSpec, load_recipe
@@ -246,6 +247,7 @@ def stage_task(
             seed=recipe.seed,
             fingerprint=plan.fingerprint,
             logger=logger,
+            mapper=dask_runner.mapper(stage),  # the flow's Dask runner, when the recipe has one
         )
         t0 = time.perf_counter()
         try:
@@ -407,7 +409,10 @@ def family_flow(
     blocked: set[str] = set()
     failures: list[str] = []
     t_flow = time.perf_counter()
+    runner = dask_runner.open_runner(rcp.runner)
     try:
+        if runner.__enter__() is not None:
+            _echo(f"  data stages' shards on {rcp.runner.describe()}")
         for name, spec in rcp.stages.items():
             # plan again: upstream stages built in this run now have content hashes (early cutoff)
             p = next(x for x in make_plan(rcp, h, **selection, done=done) if x.stage == name)
@@ -474,6 +479,8 @@ def family_flow(
         if lineage is not None:
             lineage.end(parent, "KILLED")
         raise
+    finally:
+        runner.__exit__(None, None, None)
     report["seconds"] = time.perf_counter() - t_flow
     _data_funnel(outputs, flow_key, lineage, parent, report)
     if lineage is not None:

@@ -15,6 +15,7 @@ A recipe is `flows/recipes/<name>.yaml` (or any path):
     register:               # optional: outputs registered in MLflow as <recipe>-<member>
       base: base
       grpo: chat
+    runner: dask            # optional: the data stages' shards on Dask (flows/dask_runner.py); default local
 
 `extends: tiny` (a recipe name or a path relative to this file) starts from another recipe: its
 stages keep their fields unless this file sets them, stages it lacks are appended, and the other
@@ -42,12 +43,46 @@ from stages.contract import ConfigError, build_config, check_type, config_to_jso
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # also the stage's folder: `../x` must not escape the home
-TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register", "extends"}
+TOP_LEVEL = {"name", "description", "seed", "device", "stages", "modules", "launch", "experiment", "register", "extends",
+             "runner"}
 MERGED = ("modules", "launch", "register")  # mappings an extending recipe adds to
 
 
 class RecipeError(ConfigError):
     pass
+
+
+LOCAL_WORKERS = 2
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    kind: str = "local"  # local | dask
+    workers: int = LOCAL_WORKERS  # LocalCluster worker processes (one thread each)
+    address: str = ""  # an existing scheduler; empty: start a LocalCluster
+
+    def describe(self) -> str:
+        if self.kind == "local":
+            return "in process"
+        return f"Dask scheduler {self.address}" if self.address else f"Dask LocalCluster of {self.workers} workers"
+
+
+def parse_runner(value: Any, where: str) -> RunnerSpec:
+    """The recipe's `runner:` value (local, dask, {dask: {workers: N}}, {dask: ADDRESS}; flows/dask_runner.py)."""
+    if value is None or value == "local":
+        return RunnerSpec()
+    if value == "dask":
+        return RunnerSpec("dask")
+    if isinstance(value, dict) and set(value) == {"dask"}:
+        inner = value["dask"]
+        if isinstance(inner, str) and inner.strip():
+            return RunnerSpec("dask", address=inner.strip())
+        if isinstance(inner, dict) and set(inner) <= {"workers", "address"}:
+            workers = inner.get("workers", LOCAL_WORKERS)
+            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+                raise RecipeError(f"{where}: runner.dask.workers must be an integer >= 1, got {workers!r}")
+            return RunnerSpec("dask", workers=workers, address=str(inner.get("address") or ""))
+    raise RecipeError(f"{where}: runner must be local, dask, {{dask: {{workers: N}}}} or {{dask: tcp://HOST:PORT}}, got {value!r:.80}")
 
 
 @dataclass
@@ -85,6 +120,7 @@ class Recipe:
     overrides: list[str] = field(default_factory=list)
     description: str = ""
     register: dict[str, str] = field(default_factory=dict)  # output name -> family member name
+    runner: RunnerSpec = field(default_factory=RunnerSpec)  # where the data stages map their shards
 
     def upstream(self, stage: str) -> list[str]:
         return [self.producers[i] for i in self.stages[stage].inputs]
@@ -199,7 +235,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
             raise RecipeError(f"{path}: stages.{k} must be a mapping of config fields (or empty), got {type(v).__name__} {v!r:.40}")
     stages_raw = {k: dict(v or {}) for k, v in stages_raw.items()}
     origin: dict[tuple[str, str], str] = {}
-    top = {k: raw.get(k) for k in ("seed", "device")}
+    top = {k: raw.get(k) for k in ("seed", "device", "runner")}
 
     for text in overrides:
         keys, value = parse_override(text)
@@ -207,7 +243,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
             top[keys[0]] = value
             continue
         if len(keys) != 2:
-            raise RecipeError(f"--set {text}: expected STAGE.FIELD=VALUE or seed=N / device=cpu")
+            raise RecipeError(f"--set {text}: expected STAGE.FIELD=VALUE or seed=N / device=cpu / runner=dask")
         stage, fld = keys
         if stage not in stages_raw:
             close = difflib.get_close_matches(stage, list(stages_raw), n=1)
@@ -267,6 +303,7 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
         overrides=list(overrides),
         description=raw.get("description", ""),
         register={str(k): str(v) for k, v in register.items()},
+        runner=parse_runner(top["runner"], str(path)),
     )
 
 

@@ -12,6 +12,11 @@ a file rebuilds the stage, `NETWORK = True` (retried on network errors), `GPU = 
 `inputs(cfg)`, the inputs this config uses (a subset of INPUTS) when some are needed only by some
 configs: the DAG then leaves the others out, so rebuilding them does not rebuild this stage.
 
+A data stage that maps a pure function over shards of its input calls `ctx.mapper(fn, items)` when
+it is set (the flow's Dask task runner: one Prefect task per item on the cluster's workers), and its
+own in-process path (a process pool) when it is None; either way the results come back in order, so
+the output bytes do not depend on where they were computed.
+
 `run` reads only its inputs' paths, writes only under `ctx.run_dir` (one file or directory per
 output name), logs only through `ctx.tracker`, and reports progress through `ctx.progress`. It may
 keep checkpoints in `ctx.checkpoint_dir`; they survive a crash and are removed once the artifact is
@@ -36,7 +41,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from storage.artifacts import Artifact
 from storage.tracking import NullTracker, Tracker, tracker_from_env
@@ -128,6 +133,8 @@ class StageContext:
     rank: int = 0
     world_size: int = 1
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("family"))
+    # fn(item) for each item, results in order, on another engine; None: the stage's in-process path
+    mapper: Callable[[Callable[[Any], Any], list[Any]], Iterable[Any]] | None = None
 
     def output(self, name: str) -> Path:
         """Path where output `name` must be written."""

@@ -39,6 +39,14 @@ kept; one whose text changed replaces its old entry; a new document that duplica
 dropped. The shingle hashes (4 bytes per word kept) are stored so that cross-run pairs are verified
 exactly, like in-run ones. `incremental=False` ignores the index.
 
+Shared index: with `FAMILY_DEDUPE_INDEX=redis://HOST:PORT/DB` the same index lives in Redis instead,
+so several homes (machines) dedupe against one history: the kept documents' columns in Redis hashes,
+their order in a list, and the LSH buckets in datasketch's Redis storage (`MinHashLSH(storage_config=
+{"type": "redis"})`), queried as it is rather than rebuilt. Candidates are the union of that index's
+and this run's in-memory LSH, so the results are the ones the local index gives. A Redis lock replaces
+the file lock. Where the index lives is a deployment setting, like the home's state folder, so it is
+not part of the stage's config or fingerprint.
+
 The text is read and normalised once, in one pass on a fork Pool(`workers`) over chunks of the
 documents left after step 1 (`stages.text.minhash.parallel_text_keys`): each yields its normalised
 text hash, shingle hashes and signature. Exact duplicates thus get a signature they do not use; a
@@ -52,14 +60,16 @@ Run:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import os
 import sys
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import duckdb
 import numpy as np
@@ -285,6 +295,102 @@ def index_lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# -- the shared index in Redis -------------------------------------------------------------------
+
+ENV_INDEX = "FAMILY_DEDUPE_INDEX"
+STRING_COLUMNS = ("url_key", "sha256", "norm_hash")
+
+
+class RedisIndex:
+    """The persisted index of `load_index`/`save_index`, kept in Redis at `url` for several homes.
+
+    Keys, under family-dedupe:<hash of index_params>: `params` (the JSON of index_params), `ids` (a
+    list, the kept documents in the order they were kept), `col:<name>` (hashes id -> value; the
+    signature and shingles as little-endian uint32 bytes) and `lsh*` (datasketch's buckets, keyed by id).
+    """
+
+    def __init__(self, url: str, cfg: Config):
+        import redis  # only a home that shares its index needs the client
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+            raise StageError(f"dedupe: {ENV_INDEX}={url!r} is not a redis://HOST:PORT/DB URL")
+        self.url, self.cfg = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}", cfg
+        self.params = {"host": parts.hostname, "port": parts.port or 6379, "db": int(parts.path.strip("/") or 0),
+                       "password": unquote(parts.password) if parts.password else None, "ssl": parts.scheme == "rediss"}
+        self.redis = redis.Redis(**self.params, socket_connect_timeout=5)
+        try:
+            self.redis.ping()
+        except redis.exceptions.RedisError as e:
+            raise StageError(f"dedupe: cannot reach the shared index at {self.url} ({ENV_INDEX}): {e}; "
+                             f"start Redis there or unset {ENV_INDEX} to use this home's own index") from None
+        digest = hashlib.sha256(json.dumps(index_params(cfg), sort_keys=True).encode()).hexdigest()[:12]
+        self.prefix = f"family-dedupe:{digest}:"
+
+    def lsh(self) -> MinHashLSH:
+        storage = {"type": "redis", "redis": self.params, "basename": f"{self.prefix}lsh".encode()}
+        return MinHashLSH(num_perm=self.cfg.num_perm, params=(self.cfg.bands, self.cfg.rows), storage_config=storage)
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        with self.redis.lock(f"{self.prefix}lock", timeout=3600, blocking_timeout=3600):
+            yield
+
+    def load(self) -> dict[str, list]:
+        stored = self.redis.get(f"{self.prefix}params")
+        if stored is not None and json.loads(stored) != index_params(self.cfg):
+            raise StageError(f"dedupe: the shared index at {self.url} holds {stored.decode()} under {self.prefix}, "
+                             f"the config asks for {index_params(self.cfg)}")
+        ids = [i.decode() for i in self.redis.lrange(f"{self.prefix}ids", 0, -1)]
+        cols: dict[str, list] = {"id": ids}
+        for name in (*STRING_COLUMNS, "signature", "shingles"):
+            values = self.redis.hmget(f"{self.prefix}col:{name}", ids) if ids else []
+            cols[name] = [v.decode() for v in values] if name in STRING_COLUMNS else [np.frombuffer(v, "<u4") for v in values]
+        return cols
+
+    def save(self, prev: dict[str, list], keep_prev: list[int], new: dict[str, list]) -> None:
+        """Drop the replaced documents, add the new kept ones (LSH entries for those with shingles)."""
+        kept = {prev["id"][j] for j in keep_prev}
+        gone = [key for key in prev["id"] if key not in kept]
+        lsh = self.lsh()
+        for key in gone:
+            if key in lsh:
+                lsh.remove(key)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(f"{self.prefix}params", json.dumps(index_params(self.cfg)))
+        for name in (*STRING_COLUMNS, "signature", "shingles"):
+            if gone:
+                pipe.hdel(f"{self.prefix}col:{name}", *gone)
+            if new["id"]:
+                values = new[name] if name in STRING_COLUMNS else [np.asarray(v, "<u4").tobytes() for v in new[name]]
+                pipe.hset(f"{self.prefix}col:{name}", mapping=dict(zip(new["id"], values)))
+        pipe.execute()
+        with lsh.insertion_session() as session:
+            for key, sig, sh in zip(new["id"], new["signature"], new["shingles"]):
+                if len(sh):
+                    session.insert(key, LeanMinHash(seed=self.cfg.seed, hashvalues=sig, scheme="affine32"), check_duplication=False)
+        pipe = self.redis.pipeline(transaction=True)  # the list last: it is what makes a document part of the index
+        pipe.delete(f"{self.prefix}ids")
+        order = [prev["id"][j] for j in keep_prev] + list(new["id"])
+        if order:
+            pipe.rpush(f"{self.prefix}ids", *order)
+        pipe.execute()
+
+
+class SharedLSH:
+    """This run's in-memory LSH plus the shared index's, queried together; the shared one answers
+    only documents of `known` (the index as loaded: not a replaced or half-saved entry)."""
+
+    def __init__(self, local: MinHashLSH, shared: MinHashLSH, known: set[str]):
+        self.local, self.shared, self.known = local, shared, known
+
+    def insertion_session(self):
+        return self.local.insertion_session()
+
+    def query(self, mh: LeanMinHash) -> list[str]:
+        return self.local.query(mh) + [k for k in self.shared.query(mh) if k in self.known]
+
+
 # -- the stage -----------------------------------------------------------------------------------
 
 
@@ -307,8 +413,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     sha: list[str] = table.column("sha256").to_pylist()
 
     index_path = ctx.state_dir / INDEX_FILE
-    with index_lock(ctx.state_dir) if cfg.incremental else nullcontext():
-        prev = load_index(index_path, cfg) if cfg.incremental else empty_index()
+    shared = RedisIndex(os.environ[ENV_INDEX], cfg) if cfg.incremental and os.environ.get(ENV_INDEX) else None
+    with (shared.lock() if shared else index_lock(ctx.state_dir)) if cfg.incremental else nullcontext():
+        prev = (shared.load() if shared else load_index(index_path, cfg)) if cfg.incremental else empty_index()
         prev_row = {key: j for j, key in enumerate(prev["id"])}
         dropped: dict[int, tuple[str, str]] = {}  # position -> (reason, id of the kept doc it duplicates)
 
@@ -334,7 +441,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         alive = [i for i in range(n) if i not in dropped and i not in carried_set]
         texts = table.column("text").take(pa.array(alive, pa.int64())).to_pylist() if alive else []
         norm_hashes, sigs, shingle_list = parallel_text_keys(
-            texts, cfg.shingle_spec(), cfg.workers, cfg.docs_per_task, lambda d, t: ctx.progress(d, t, "text keys")
+            texts, cfg.shingle_spec(), cfg.workers, cfg.docs_per_task, lambda d, t: ctx.progress(d, t, "text keys"),
+            mapper=ctx.mapper,
         )
         row_of = {i: r for r, i in enumerate(alive)}
 
@@ -361,7 +469,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                 shingles[ids[i]] = sh
                 near_dup_ids.append(ids[i])
                 near_dup_sigs.append(sig)
-        if old:
+        if old and shared is not None:  # the shared index's LSH already holds them
+            lsh = SharedLSH(lsh, shared.lsh(), {prev["id"][j] for j in old})
+        elif old:
             old_sigs = [LeanMinHash(seed=cfg.seed, hashvalues=prev["signature"][j], scheme="affine32") for j in old]
             with lsh.insertion_session() as session:
                 for j, mh in zip(old, old_sigs):
@@ -396,7 +506,14 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                 writer.write(_excluded_row(doc, *dropped[pos]))
 
         # the index grows by this run's new kept docs; written last, in one atomic step
-        if cfg.incremental:
+        if cfg.incremental and shared is not None:
+            new = [i for i in kept if i not in carried_set]
+            shared.save(prev, keep_prev, {
+                "id": [ids[i] for i in new], "url_key": [url_keys[i] for i in new], "sha256": [sha[i] for i in new],
+                "norm_hash": [norm_hashes[row_of[i]] for i in new], "signature": [sigs[row_of[i]] for i in new],
+                "shingles": [shingle_list[row_of[i]] for i in new],
+            })
+        elif cfg.incremental:
             new = [i for i in kept if i not in carried_set]
             save_index(
                 index_path,

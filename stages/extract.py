@@ -280,7 +280,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # the model and lookup tables are loaded before forking, so workers share them
     language_identifier()
     warm_up()
-    parallel = cfg.workers > 1 and total >= cfg.parallel_min_pages
+    parallel = ctx.mapper is None and cfg.workers > 1 and total >= cfg.parallel_min_pages
     pool = multiprocessing.get_context("fork").Pool(cfg.workers) if parallel else None
 
     counts: Counter[str] = Counter()  # "docs" and one key per drop reason
@@ -296,7 +296,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                 ctx.progress(done, total, "extract", docs=counts["docs"])
                 continue
             tasks = ((batch, cfg) for batch in _page_batches(shard, cfg.pages_per_task))
-            results = pool.imap(_extract_task, tasks) if pool else map(_extract_task, tasks)
+            if ctx.mapper is not None:
+                results = ctx.mapper(_extract_task, list(tasks))
+            else:
+                results = pool.imap(_extract_task, tasks) if pool else map(_extract_task, tasks)
             docs, excluded = [], []
             shard_counts: Counter[str] = Counter()
             for chunk in results:

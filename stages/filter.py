@@ -56,6 +56,7 @@ INPUT_FILES = ("blocklist_path",)  # the word list's content is part of the fing
 FILTERS = ("language", "gopher_repetition", "gopher_quality", "c4", "fineweb", "blocklist", "pii")
 BATCH_DOCS = 64  # documents per task sent to a worker: big enough to amortise pickling
 MIN_DOCS_PER_WORKER = 200  # below this, starting processes costs more than it saves
+MAP_DOCS = 512  # documents per task under ctx.mapper: a Prefect task run costs more than a pool's task
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,19 @@ def _filter_batch(docs: list[dict]) -> list[dict[str, Any]]:
     return [run_filters(d, _worker_filters) for d in docs]
 
 
+_worker_cfg: Config | None = None
+
+
+def _filter_task(args: tuple[list[dict], Config]) -> list[dict[str, Any]]:
+    """One batch on a worker of ctx.mapper, which has no pool initializer: the filters are built once per config."""
+    global _worker_cfg
+    docs, cfg = args
+    if _worker_cfg != cfg:
+        _init_worker(cfg)
+        _worker_cfg = cfg
+    return _filter_batch(docs)
+
+
 def batches(path: str, size: int) -> Iterator[list[dict]]:
     batch: list[dict] = []
     for row in parquet.iter_rows(path, batch_size=1024):
@@ -276,7 +290,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     if n_in == 0:
         raise StageError(f"filter: no documents in docs_dedup at {src}; check the extract and dedupe stages")
     filters = build_filters(cfg)  # here too, so that a bad word list fails before any worker starts
-    workers = min(cfg.workers, max(1, n_in // MIN_DOCS_PER_WORKER))
+    workers = min(cfg.workers, max(1, n_in // MIN_DOCS_PER_WORKER)) if ctx.mapper is None else 1
 
     # loop: workers filter, this process counts and writes in input order
     out_clean, out_excluded = ctx.output("docs_clean"), ctx.output("excluded")
@@ -292,7 +306,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         with parquet.ShardWriter(out_clean, "docs", cfg.rows_per_shard) as clean, \
                 parquet.ShardWriter(out_excluded, "excluded", cfg.rows_per_shard) as excluded:
             chunks = batches(src, BATCH_DOCS)
-            if pool is not None:
+            if ctx.mapper is not None:
+                results = ctx.mapper(_filter_task, [(chunk, cfg) for chunk in batches(src, MAP_DOCS)])
+            elif pool is not None:
                 results = pool.imap(_filter_batch, chunks)
             else:
                 results = ([run_filters(d, filters) for d in chunk] for chunk in chunks)

@@ -104,6 +104,30 @@ def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, split_d
     return tok
 
 
+_worker_tokenizers: dict[str, Tokenizer] = {}
+
+
+def _encode_task(args: tuple[str, list[str]]) -> list[list[int]]:
+    """One batch on a worker of ctx.mapper: (tokenizer.json text, texts) -> token ids per text."""
+    tok_json, batch = args
+    key = hashlib.sha256(tok_json.encode()).hexdigest()
+    if key not in _worker_tokenizers:
+        _worker_tokenizers.clear()  # one tokenizer at a time: a worker serves one stage run after another
+        _worker_tokenizers[key] = Tokenizer(HFTokenizer.from_str(tok_json))
+    return _worker_tokenizers[key].encode_batch(batch)
+
+
+def _encode_batches(is_val: list[bool], texts: Iterator[str]) -> Iterator[list[tuple[bool, str]]]:
+    batch: list[tuple[bool, str]] = []
+    for v, text in zip(is_val, texts):
+        batch.append((v, text))
+        if len(batch) == ENCODE_BATCH_DOCS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
     # setup: document ids, sizes and the split
     src = inputs["docs_clean"].path
@@ -148,12 +172,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     t0 = time.perf_counter()
     with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
         files = {"train": f_train, "val": f_val}
-        batch: list[tuple[bool, str]] = []
-        for i, (v, text) in enumerate(zip(is_val, texts()), start=1):
-            batch.append((v, text))
-            if len(batch) < ENCODE_BATCH_DOCS and i < len(ids):
-                continue
-            for (v, text), doc_ids in zip(batch, tok.encode_batch([t for _, t in batch])):
+        if ctx.mapper is not None:
+            batches = list(_encode_batches(is_val, texts()))
+            tok_json = (tok_dir / "tokenizer.json").read_text()
+            encoded = zip(batches, ctx.mapper(_encode_task, [(tok_json, [t for _, t in b]) for b in batches]))
+        else:
+            encoded = ((b, tok.encode_batch([t for _, t in b])) for b in _encode_batches(is_val, texts()))
+        i = 0
+        for batch, batch_ids in encoded:
+            for (v, text), doc_ids in zip(batch, batch_ids):
                 split = "val" if v else "train"
                 arr = np.asarray(doc_ids + [tok.eot_id], dtype=dtype)  # (n_tokens + 1,)
                 arr.tofile(files[split])
@@ -161,7 +188,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                 c[0] += len(arr)
                 c[1] += len(text.encode())
                 c[2] += 1
-            batch = []
+            i += len(batch)
             ctx.progress(i, len(ids), "encode")
     for split, path in tmp.items():
         os.replace(path, out / f"{split}.bin")

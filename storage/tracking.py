@@ -162,8 +162,10 @@ class Lineage:
         self.client = MlflowClient(tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
+            # a tracking server decides where artifacts go (its --artifacts-destination: S3, ...)
+            remote = tracking_uri.startswith(("http://", "https://"))
             self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=(artifact_root / experiment).resolve().as_uri()
+                experiment, artifact_location=None if remote else (artifact_root / experiment).resolve().as_uri()
             )
         else:
             self.experiment_id = exp.experiment_id

@@ -115,8 +115,10 @@ def parallel_text_keys(
     workers: int = 2,
     chunk_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
+    mapper: Callable[[Callable, list], Iterable[TextKeys]] | None = None,
 ) -> TextKeys:
-    """`text_keys` over chunks of `chunk_size` texts on a fork Pool(workers); same result, in order."""
+    """`text_keys` over chunks of `chunk_size` texts on a fork Pool(workers), or on `mapper` (a
+    stage's ctx.mapper) when given; same result, in order."""
     chunks = [(list(texts[i : i + chunk_size]), spec) for i in range(0, len(texts), chunk_size)]
     keys = TextKeys([], np.empty((0, spec.num_perm), np.uint32), [])
     sig_parts: list[np.ndarray] = [keys.signatures]
@@ -129,7 +131,9 @@ def parallel_text_keys(
             if progress is not None:
                 progress(len(keys.shingles), len(texts))
 
-    if workers <= 1 or len(chunks) <= 1:
+    if mapper is not None:
+        collect(mapper(_text_keys_task, chunks))
+    elif workers <= 1 or len(chunks) <= 1:
         collect(map(_text_keys_task, chunks))
     else:
         warm_up()  # build the normalisation tables once; the forked workers inherit them
