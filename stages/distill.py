@@ -46,14 +46,14 @@ half-width student reaches arith / count / string / wordprob 0.05 / 0.40 / 0.86 
 teacher's 0.97 / 0.54 / 1.00 / 0.66, and the CE-only student at equal compute (586 steps, no teacher
 forwards) 0.23 / 0.44 / 0.98 / 0.11. Why (`python -m bench.distill`, val CE per assistant token from
 the same pruned init): per step the teacher's soft targets help a little (300 steps: KD 0.696, CE
-0.706), but a teacher forward costs about as much as a student's training step here (the 4096-row
-head dominates both), so CE gets twice the steps for the same FLOPs and wins. The targets of these
-tasks are deterministic (the teacher is near one-hot on them: little dark knowledge to transfer), and
-pruning half the width leaves a student at CE 5.9 (random: 8.3), which 300 steps cannot rebuild.
-On-policy distillation (on_policy 0.5, JSD beta 0.5) was worse still (string 0.18): the pruned
-student's samples are noise at first. Distillation pays when the teacher is cheap relative to the
-student's training step or the data is repeated (cached teacher logits amortised over epochs), neither
-true under this stage's 90-second budget.
+0.706; CE at equal FLOPs, 586 steps: 0.648), but a teacher forward costs about as much as a
+student's training step here (the 4096-row head dominates both), so CE gets twice the steps for the
+same FLOPs and wins. The targets of these tasks are deterministic (the teacher is near one-hot on
+them: little dark knowledge to transfer), and pruning half the width leaves a student at CE 5.9
+(random: 8.3), which 300 steps cannot rebuild. On-policy distillation (on_policy 0.5, JSD beta 0.5)
+was worse still (string 0.18): the pruned student's samples are noise at first. Distillation pays
+when the teacher is cheap relative to the student's training step or the data is repeated (cached
+teacher logits amortised over epochs), neither true under this stage's 90-second budget.
 
 Deviations: the pruned student is not re-balanced after pruning (RMSNorm now averages over fewer
 channels), distillation repairs it; one teacher pass per batch (no cached teacher logits).
