@@ -16,7 +16,8 @@ Loss, over groups of one positive and K negatives per query, scores s (B, 1 + K)
 the listwise term (ListNet / CE-MNRL with the positive first) orders the candidates, the pointwise
 term (Qwen3-Reranker's yes/no likelihood) keeps sigmoid(s) a probability, which the "not found"
 threshold of `family rag` reads. The negatives are what the first stage confuses: BM25-mined ones
-from `pairs` and the embedder's top train passages that are not relevant (train passages only).
+from `pairs` and the embedder's top train passages that are not relevant (train passages only),
+found for a query when it is first drawn.
 
 Evaluation: every test query's first stage is the hybrid (RRF k = 60 of BM25 and the embedder over
 ALL passages); the reranker reorders its top `depth` (20); nDCG@10 etc. of the reranked list against
@@ -26,7 +27,8 @@ answerable val questions would be refused); `abstain_offtopic` is the share of O
 (none answerable from the corpus) refused at that threshold. Gate: `reorders` says whether the
 reranked order beat the first stage's on val (nDCG@10); where it did not, `family search` and
 `family rag` keep the first stage's order (what a user sees is never the order that lost on val),
-and the reranker only scores for the threshold.
+and the reranker only scores for the threshold; `served_ndcg@10` is the test nDCG@10 of the order
+they serve. Scoring runs the prompts' shared system turn once (stages/search/encode.py).
 
 Run:
     python -m stages.rerank --config c.json --inputs i.json --run-dir DIR
@@ -185,16 +187,25 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     train_rows = [r for r in data.pairs["train"] if r["positive"] in text_of]
     if len(train_rows) < cfg.batch_size:
         raise StageError(f"rerank: {len(train_rows)} train queries, fewer than one batch of {cfg.batch_size}")
-    # the embedder's confusions among train passages, beside the BM25-mined negatives of `pairs`
+    # the embedder's confusions among train passages, beside the BM25-mined negatives of `pairs`: found
+    # when a query is first drawn (a run visits max_steps * batch_size of the train queries, not all),
+    # one query at a time, so a resumed run finds the same ones
     row = {pid: i for i, pid in enumerate(data.ids)}
-    train_pos = torch.tensor([row[i] for i in train_ids])
-    q_train = embed_texts(emb_model, emb_tok, [r["query"] for r in train_rows], settings["instruction"], settings["max_len"])
-    dense_train = dense_rankings(q_train, p_emb[train_pos], train_ids, cfg.negatives * 4 + 10)
-    pools = [list(dict.fromkeys(list(r["negatives"]) + [d for d in ranks if data.qrels.get(r["id"], {}).get(d, 0) == 0]))
-             for r, ranks in zip(train_rows, dense_train)]
+    train_emb = p_emb[torch.tensor([row[i] for i in train_ids])]
+    pools: dict[int, list[str]] = {}
+
+    def pool_of(i: int) -> list[str]:
+        if i not in pools:
+            r = train_rows[i]
+            q = embed_texts(emb_model, emb_tok, [r["query"]], settings["instruction"], settings["max_len"])
+            ranks = dense_rankings(q, train_emb, train_ids, cfg.negatives * 4 + 10)[0]
+            pools[i] = list(dict.fromkeys(list(r["negatives"]) + [d for d in ranks if data.qrels.get(r["id"], {}).get(d, 0) == 0]))
+        return pools[i]
+
     order = BatchOrder(len(train_rows), cfg.batch_size, ctx.seed)
     derived = {"max_len": max_len, "train_queries": len(train_rows), "test_queries": len(data.pairs["test"]),
-               "val_queries": len(data.pairs["val"]), "mean_negative_pool": float(np.mean([len(p) for p in pools])),
+               "val_queries": len(data.pairs["val"]),
+               "mean_bm25_negatives": float(np.mean([len(r["negatives"]) for r in train_rows])),
                "prompt_overhead_tokens": prompt.overhead}
     ctx.logger.info("rerank: %s", json.dumps(derived))
     ctx.tracker.log_params({"derived": derived})
@@ -215,7 +226,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         idx = order.next()
         groups = []
         for i in idx:
-            pool = pools[i] or [d for d in rng.sample(train_ids, cfg.negatives + 1) if d != train_rows[i]["positive"]]
+            pool = pool_of(i) or [d for d in rng.sample(train_ids, cfg.negatives + 1) if d != train_rows[i]["positive"]]
             negs = [pool[rng.randrange(len(pool))] for _ in range(cfg.negatives)]
             groups.append([train_rows[i]["positive"], *negs])
         queries = [train_rows[i]["query"] for i, g in zip(idx, groups) for _ in g]
@@ -273,6 +284,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     result = summarize(cfg, derived, step, stop, test, table, threshold, abstain, curve)
     result.metrics |= {k: v for k, v in val.items() if k in ("val_ndcg@10", "val_first_stage_ndcg@10")}
     result.metrics["reorders"] = float(reorders)
+    # what `family search` / `family rag` serve on test: the reranked order where it won on val, else the first stage's
+    served = "" if reorders else "first_stage_"
+    result.metrics |= {f"served_ndcg@10{e}": test[f"{served}ndcg@10{e}"] for e in ("", "_lo", "_hi")}
     result.summary += ("\n\nOn val the reranked order " + ("beats" if reorders else "does not beat") + " the first stage's: "
                        + ("search and rag use it." if reorders else "search and rag keep the hybrid's order and use the "
                           "reranker's score only for the 'not found' threshold."))

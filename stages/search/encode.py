@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from models.gpt import GPT
+from models.gpt import GPT, KVCache
 from models.tokenizer import IM_END, IM_START, Tokenizer
 
 QUERY_INSTRUCTION = "Instruct: Given a question about a Python module, retrieve the passage that answers it\nQuery:"
@@ -122,17 +122,43 @@ def rerank_logits(model: GPT, seqs: Sequence[Sequence[int]], prompt: RerankPromp
     return (logits[:, 0] - logits[:, 1]).float()
 
 
+def _prefix_cache(model: GPT, prefix: torch.Tensor, batch_size: int, max_len: int) -> KVCache:
+    """A cache of `batch_size` rows holding the keys and values of `prefix` (1, P) in each, at pos P."""
+    c = model.cfg
+    one = KVCache(c.n_layers, 1, c.n_kv_heads, c.head_dim, prefix.shape[1])
+    model.hidden(prefix, cache=one)
+    cache = KVCache(c.n_layers, batch_size, c.n_kv_heads, c.head_dim, max_len)
+    for i in range(c.n_layers):
+        cache.k[i] = one.k[i].new_empty(cache.shape)
+        cache.v[i] = one.v[i].new_empty(cache.shape)
+        cache.k[i][:, :, :prefix.shape[1]] = one.k[i]
+        cache.v[i][:, :, :prefix.shape[1]] = one.v[i]
+    cache.pos = prefix.shape[1]
+    return cache
+
+
 @torch.no_grad()
 def rerank_scores(model: GPT, prompt: RerankPrompt, queries: Sequence[str], passages: Sequence[str], max_len: int,
                   batch_size: int = 32) -> torch.Tensor:
-    """(N,) scores of the pairs (queries[i], passages[i])."""
+    """(N,) scores of the pairs (queries[i], passages[i]), as rerank_logits gives them. Every prompt
+    starts with the same system turn (about a third of its tokens), so it runs once: its keys and
+    values are copied into each batch's cache and only the rest of each prompt is computed (the
+    same causal attention, so the same scores up to float rounding)."""
     seqs = prompt.batch(queries, passages, max_len)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = torch.empty(len(seqs))
     was_training = model.training
     model.eval()
+    device = model.embed_tokens.weight.device
+    n_pre = len(prompt.prefix)
+    prefix = torch.tensor([prompt.prefix], device=device)
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
-        out[idx] = rerank_logits(model, [seqs[i] for i in idx], prompt).cpu()
+        ids, lengths = pad_right([seqs[i][n_pre:] for i in idx], prompt.tok.pad_id, device)  # (B, T - P)
+        cache = _prefix_cache(model, prefix, len(idx), n_pre + ids.shape[1])
+        h = model.hidden(ids, cache=cache)  # (B, T - P, d)
+        last = h[torch.arange(len(idx), device=device), lengths - 1]  # (B, d)
+        logits = last @ model.lm_head.weight[[prompt.yes_id, prompt.no_id]].T  # (B, 2)
+        out[idx] = (logits[:, 0] - logits[:, 1]).float().cpu()
     model.train(was_training)
     return out

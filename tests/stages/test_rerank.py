@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stages import rerank
-from stages.search.encode import RerankPrompt, rerank_scores
+from stages.search.encode import RerankPrompt, rerank_logits, rerank_scores
 from tests.stages.retrieval_toy import built
 
 
@@ -22,6 +22,21 @@ def test_rerank_loss_by_hand():
     pointwise = (softplus(-2) + softplus(0) + softplus(-1)) / 3
     assert math.isclose(loss.item(), listwise + 0.5 * pointwise, rel_tol=1e-6)
     assert stats["acc"] == 1.0
+
+
+def test_scores_with_the_shared_system_turn_cached_equal_the_full_forward():
+    from models.gpt import GPT
+    from models.tokenizer import Tokenizer
+
+    out = built()["reranker"]
+    model, tok = GPT.from_pretrained(out).eval(), Tokenizer.load(out)
+    prompt = RerankPrompt(tok, "Relevant?")
+    queries = ["heap push", "How to encode JSON as text?", "x"]
+    passages = ["heapq.heappush(heap, item) Push item onto heap.", "json.dumps(obj) Serialize obj. " * 6, "y"]
+    cached = rerank_scores(model, prompt, queries, passages, 64, batch_size=2)  # batches of unequal lengths
+    with torch.no_grad():
+        full = rerank_logits(model, prompt.batch(queries, passages, 64), prompt)
+    assert torch.allclose(cached, full, atol=1e-5)
 
 
 def test_stage_reports_reranked_and_first_stage_and_a_threshold():
