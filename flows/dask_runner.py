@@ -14,10 +14,15 @@ results back in submission order, so the stage writes the same bytes as in proce
 Prefect task run of the flow run (the UI shows them under the stage), computed on a Dask worker; the
 stage still reads its inputs and writes its outputs in the flow's process, so a remote cluster's
 workers need the project installed but not the home.
+
+A shard that gives no result within FAMILY_SHARD_TIMEOUT_S seconds (default 3600) of the previous one
+fails the stage, naming the shard, instead of waiting forever: a worker whose Prefect client keeps
+retrying a server that went away, or a cluster that lost its workers, would otherwise hang the flow.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Iterable, Iterator
 
 from prefect import task
@@ -64,17 +69,26 @@ def open_runner(spec: RunnerSpec) -> Iterator[Any]:
         runner.__exit__(None, None, None)
 
 
+ENV_TIMEOUT = "FAMILY_SHARD_TIMEOUT_S"
+
+
 class DaskMapper:
     """ctx.mapper on the flow's Dask runner: one `shard` task per item, results in order."""
 
     def __init__(self, runner: Any, stage: str):
         self.runner, self.stage = runner, stage
+        self.timeout_s = float(os.environ.get(ENV_TIMEOUT, "3600"))
 
     def __call__(self, fn: Callable[[Any], Any], items: list[Any]) -> Iterable[Any]:
         futures = [self.runner.submit(shard_task, {"stage": self.stage, "index": i, "fn": fn, "item": item})
                    for i, item in enumerate(items)]
-        for f in futures:
-            yield f.result()
+        for i, f in enumerate(futures):
+            try:
+                yield f.result(timeout=self.timeout_s)
+            except TimeoutError:
+                raise StageError(f"{self.stage}: shard {self.stage}-{i} of {len(futures)} gave no result in "
+                                 f"{self.timeout_s:g} s on the Dask cluster (workers lost, or the Prefect API "
+                                 f"unreachable from them?); raise {ENV_TIMEOUT} if shards are this slow") from None
 
 
 def mapper(stage: str) -> DaskMapper | None:

@@ -12,7 +12,12 @@ How (the nanoGPT / nanochat recipe, one loop read top to bottom in `run`):
 - Optimizer: AdamW (Loshchilov & Hutter 2019, decoupled weight decay) with decay on matrices only;
   linear warmup, then cosine decay to min_lr_ratio * lr, or warmup-stable-decay ("wsd", Hu et al.
   2024, MiniCPM) with a linear decay over the last decay_ratio of the steps. Gradient clipping,
-  gradient accumulation; bf16 autocast and optional torch.compile on CUDA only; DDP under torchrun.
+  gradient accumulation; bf16 autocast and optional torch.compile on CUDA only; DDP under torchrun,
+  or FSDP2 with `fsdp: true` (stages/training.fully_shard_model: one unit per decoder block and the
+  root), for models whose weights, gradients and AdamW moments do not fit one device's memory
+  replicated. Under FSDP, checkpoints are gathered into the same full files one process writes (they
+  resume on any world size, with DDP or FSDP), and evaluation, sampling and the export run on rank 0
+  on a plain copy of the gathered weights.
 - Evaluation: validation loss in nats/token on a fixed, evenly spread subset of val windows, and bits
   per byte, bpb = loss * val_tokens / (val_bytes * ln 2), which does not depend on the tokenizer. The
   trivial baseline next to it is `unigram_bpb`: val under the add-one-smoothed unigram distribution
@@ -42,7 +47,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models.generate import generate
 from models.gpt import GPT, GPTConfig
@@ -50,8 +54,8 @@ from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.training import (
-    Clock, TrainConfig, adamw, all_ranks_max, budget_warnings, checkpoint, clip_gradients, resume,
-    set_lr, setup_runtime, stopped_by, write_run_meta,
+    Clock, TrainConfig, adamw, all_ranks_max, budget_warnings, checkpoint, clip_gradients, data_parallel,
+    fully_shard_model, gradient_sync, resume, set_lr, setup_runtime, stopped_by, unsharded_copy, write_run_meta,
 )
 from storage.artifacts import Artifact
 
@@ -83,7 +87,9 @@ class Config(TrainConfig):
     max_tokens: int = 0
     eval_every: int = 100
     eval_tokens: int = 65536  # val tokens per evaluation (all of val when smaller)
-    # CUDA only
+    # under torchrun: FSDP2 instead of DDP (ignored by one process); a layout of the work, not of the result
+    fsdp: bool = False
+    # CUDA only (compile: not with fsdp)
     compile: bool = False
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU for MFU (H100 SXM)
     # greedy samples logged at every evaluation
@@ -311,6 +317,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     gcfg = GPTConfig(vocab_size=vocab_size, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                      n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.seq_len, tie_embeddings=cfg.tie_embeddings)
     raw_model = GPT(gcfg).to(device)
+    sharded = rt.ddp and cfg.fsdp  # before the optimizer, which must hold the sharded parameters
+    plain = fully_shard_model(raw_model, ctx) if sharded else None  # rank 0's copy for evaluation, sampling, export
     optimizer = adamw(raw_model, cfg, device)
 
     # derived sizes, logged so the run is self-describing
@@ -324,11 +332,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     ck = resume(ctx, raw_model, optimizer, device, loader=loader)
     step, tokens_seen, curve = ck.get("step", 0), ck.get("tokens_seen", 0), ck.get("curve", [])
     model: torch.nn.Module = raw_model
-    if rt.cuda and cfg.compile:
+    if not rt.cuda and ctx.is_main:  # a GPU recipe (small, base) on CPU: say what does not apply
+        log.info("pretrain: bf16 autocast is CUDA-only: off on %s, training in fp32%s", device,
+                 "; compile is CUDA-only: off" if cfg.compile else "")
+    if rt.cuda and cfg.compile and not sharded:
         model = torch.compile(model)
-    eval_model = model  # no DDP wrapper: evaluation must not run DDP's collectives
-    if rt.ddp:
-        model = DDP(model, device_ids=[device.index] if rt.cuda else None)
+    eval_model, model = model, data_parallel(model, rt)  # evaluation must not run DDP's collectives
 
     def mfu(tok_s: float) -> float | None:
         return flops_per_token * tok_s / (cfg.peak_tflops * 1e12 * ctx.world_size) if rt.cuda else None
@@ -349,10 +358,13 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         last = step >= total_steps or out_of_time
         if step % cfg.eval_every == 0 or last:
             with clock.paused():
-                val_loss = evaluate(eval_model, val, starts, cfg.seq_len, cfg.batch_size, device, autocast, ctx.rank, ctx.world_size)
+                one = unsharded_copy(raw_model, plain) if sharded else eval_model  # FSDP: rank 0 evaluates the gathered weights
+                if one is not None:
+                    val_loss = evaluate(one, val, starts, cfg.seq_len, cfg.batch_size, device, autocast,
+                                        *((0, 1) if sharded else (ctx.rank, ctx.world_size)))
                 if ctx.is_main:
                     ctx.tracker.log_metrics({"val/loss": val_loss, "val/bpb": bits_per_byte(val_loss, val_tokens, val_bytes)}, step=step)
-                    samples = sample_text(raw_model, tokenizer, cfg.sample_prompts, cfg.sample_tokens, eot_id, autocast)
+                    samples = sample_text(plain if sharded else raw_model, tokenizer, cfg.sample_prompts, cfg.sample_tokens, eot_id, autocast)
                     ctx.tracker.log_text(samples, f"samples/step-{step:06d}.md")
                     curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
                                   "val_bpb": bits_per_byte(val_loss, val_tokens, val_bytes)})
@@ -363,8 +375,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
-            # DDP all-reduces gradients on the last micro-batch only
-            sync = contextlib.nullcontext() if not rt.ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+            sync = gradient_sync(model, rt, micro == cfg.grad_accum - 1)  # reduce gradients on the last micro-batch only
             with sync, autocast:
                 _, loss = model(x, y)
             with sync:
@@ -403,8 +414,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     val_bpb = bits_per_byte(val_loss, val_tokens, val_bytes)
     result = summarize(cfg, derived, step, stopped_by(step, total_steps), tokens_seen, tokens_per_s, train_loss,
                        val_loss, val_bpb, curve, samples, mfu(tokens_per_s))
-    if ctx.is_main:
-        out = save_model_dir(raw_model, tokenizer_dir, ctx.output("base"))
+    if ctx.is_main:  # FSDP: `plain` holds the final weights, gathered for the last evaluation
+        out = save_model_dir(plain if sharded else raw_model, tokenizer_dir, ctx.output("base"))
         write_run_meta(out, "pretrain", step, total_steps, stopped_by(step, total_steps), result.metrics, derived,
                        cfg, curve, seq_len=cfg.seq_len, eot_id=eot_id)
         ctx.tracker.log_text(samples, "samples/final.md")

@@ -25,6 +25,14 @@ How (InstructGPT's SFT step, Ouyang et al. 2022, in the shape of nanochat's chat
 - Resume: checkpoints hold weights (adapters included), optimizer, RNG, the loader's (epoch,
   position) and the base model's few-shot scores, so a resumed run ends with the same weights as an
   uninterrupted one.
+- DDP under torchrun (`launch: {sft: {nproc: N}}`): batch_size is the global batch (rows per
+  optimizer step over all ranks, unlike pretrain's per-rank batch_size: the epochs budget counts
+  global batches, so the step budget and a checkpoint's loader position do not depend on the world
+  size). Every rank packs the same rows and takes its block of each global batch; its loss is
+  weighted by its share of the batch's assistant tokens, so DDP's gradient average is the gradient of
+  the 1-process loss (the mean over the whole batch's assistant tokens). The val loss is sharded by
+  batch and summed; the task accuracies (greedy decoding) run on rank 0, which alone writes
+  checkpoints, outputs and MLflow.
 
 Deviations: `max_minutes` ends training early without stretching the schedule (as in pretrain), so a
 resumed run stays identical; task accuracy is measured once, at the end (the val loss is tracked
@@ -32,6 +40,7 @@ during training), because greedy decoding of every val prompt costs more than th
 
 Run:
     python -m stages.sft --config c.json --inputs i.json --run-dir DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 -m stages.sft --config c.json --inputs i.json --run-dir DIR
     e.g. c.json = {"epochs": 3, "lr": 1e-3}, i.json = {"base": "DIR/base", "chat": "DIR/chat", "prompts": "DIR/prompts"}
 """
 from __future__ import annotations
@@ -53,8 +62,8 @@ from models.tokenizer import IM_END, Tokenizer
 from stages.chat.evaluate import accuracy_table, few_shot_base_eval, generate_answers, majority_baseline, pick_heldout, score
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.training import (
-    Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
-    set_lr, setup_runtime, stopped_by, write_run_meta,
+    Clock, TrainConfig, adamw, all_ranks_max, all_ranks_sum, budget_warnings, checkpoint, clip_gradients,
+    data_parallel, open_model_input, resume, set_lr, setup_runtime, shard, stopped_by, write_run_meta,
 )
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows
@@ -70,7 +79,7 @@ class Config(TrainConfig):
     # data: rows of seq_len tokens (0: the base model's max_seq_len), several conversations per row
     seq_len: int = 0
     pack: bool = True
-    batch_size: int = 16  # rows per optimizer step
+    batch_size: int = 16  # rows per optimizer step (the global batch: split over ranks under torchrun)
     # the policy's knobs (stages/training.TrainConfig), with SFT's defaults: cosine from 1e-3 over max_steps,
     # or `epochs` passes over the packed train rows when max_steps is 0
     lr: float = 1e-3
@@ -174,6 +183,27 @@ def to_batch(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, to
     return rows[:, 0], rows[:, 1], rows[:, 2]
 
 
+def rank_rows(rows: torch.Tensor, rank: int, world_size: int, pad_id: int) -> tuple[torch.Tensor, int]:
+    """Under torchrun: this rank's block of a global batch of rows (`training.shard`) and the number of
+    assistant tokens in the whole batch. A rank left without rows (the epoch's last batch has fewer
+    rows than ranks) gets one row without targets, so that it still joins DDP's all-reduce."""
+    n_batch = int((rows[:, 1] != IGNORE).sum())
+    mine = rows[shard(len(rows), rank, world_size)]
+    if not len(mine):
+        seq_len = rows.shape[-1]
+        mine = torch.stack([torch.full((seq_len,), pad_id), torch.full((seq_len,), IGNORE), torch.zeros(seq_len, dtype=torch.long)])[None]
+    return mine, n_batch
+
+
+def rank_loss(loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, n_batch: int, world_size: int) -> torch.Tensor:
+    """This rank's mean loss over its n assistant tokens, weighted by world_size * n / n_batch: DDP
+    averages gradients over ranks, and the average of the weighted gradients is the gradient of the
+    mean over the whole batch's n_batch tokens (the 1-process loss), however unevenly the tokens fall.
+    A rank without targets contributes zero gradients (its mean is nan: no token)."""
+    n = int((targets != IGNORE).sum())
+    return loss * (n * world_size / n_batch) if n else logits.sum() * 0.0
+
+
 class ChatLoader:
     """Batches of packed rows; the conversations are shuffled (seed, epoch) before packing.
 
@@ -214,17 +244,21 @@ class ChatLoader:
 
 @torch.no_grad()
 def eval_loss(model: GPT, rows: torch.Tensor, batch_size: int, pack: bool, device: torch.device,
-              autocast: contextlib.AbstractContextManager) -> float:
-    """Mean cross-entropy (nats) per assistant token over packed val rows."""
+              autocast: contextlib.AbstractContextManager, rank: int = 0, world_size: int = 1) -> float:
+    """Mean cross-entropy (nats) per assistant token over packed val rows; under torchrun rank r
+    takes every world_size-th batch and the sums are all-reduced."""
     model.eval()
     total, count = 0.0, 0
-    for lo in range(0, len(rows), batch_size):
+    for lo in range(rank * batch_size, len(rows), batch_size * world_size):
         x, y, docs = to_batch(rows[lo:lo + batch_size], device)
         n = int((y != IGNORE).sum())
         with autocast:
             _, loss = model(x, y, doc_ids=docs if pack else None)
         total += loss.item() * n
         count += n
+    if world_size > 1:
+        sums = all_ranks_sum(torch.tensor([total, count], dtype=torch.float64, device=device), world_size)
+        total, count = sums[0].item(), int(sums[1].item())
     model.train()
     return total / max(1, count)
 
@@ -318,14 +352,16 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         raise StageError(f"sft: lora_targets: {e}") from None
     derived["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     derived["lora_layers"] = len(lora_layers)
-    log.info("sft: %s", json.dumps(derived))
+    if ctx.is_main:
+        log.info("sft: %s", json.dumps(derived))
     ctx.tracker.log_params({"derived": derived})
     optimizer = adamw(model, cfg, device)
 
-    # resume, or score the base model before any step changes it
+    # resume, or score the base model before any step changes it (on rank 0: the others wait in DDP's
+    # first broadcast)
     ck = resume(ctx, model, optimizer, device, loader=loader)
     step, curve, base_acc = ck.get("step", 0), ck.get("curve", []), ck.get("base_metrics", {})
-    if not ck and eval_prompts:
+    if not ck and eval_prompts and ctx.is_main:
         ctx.progress(0, 1, "base model few-shot eval")
         with autocast:
             base_acc = few_shot_base_eval(model, tok, eval_prompts, data["shot_pool"], cfg.base_shots, cfg.base_shot_format,
@@ -335,6 +371,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # the loop: evaluate, stop or take one optimizer step, checkpoint
     model.train()
+    train_model = data_parallel(model, rt)  # `model` stays unwrapped: evaluation runs no DDP collective
     clock = Clock(ck.get("elapsed_s", 0.0))
     train_loss, val_loss = ck.get("train_loss"), float("nan")  # the last logged mean goes into the curve
     loss_acc, n_acc = torch.tensor(ck.get("loss_sum", 0.0), device=device), ck.get("loss_n", 0)  # since the last log
@@ -345,25 +382,31 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                 "loss_sum": loss_acc.item(), "loss_n": n_acc}
 
     while True:
-        last = step >= total_steps or clock.over(cfg.max_minutes)
+        last = step >= total_steps or all_ranks_max(float(clock.over(cfg.max_minutes)), ctx.world_size, device) > 0
         if (step % cfg.eval_every == 0 or last) and len(val_rows):
             with clock.paused():
-                val_loss = eval_loss(model, val_rows, cfg.batch_size, cfg.pack, device, autocast)
+                val_loss = eval_loss(model, val_rows, cfg.batch_size, cfg.pack, device, autocast, ctx.rank, ctx.world_size)
                 ctx.tracker.log_metrics({"val/loss": val_loss}, step=step)
                 curve.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
         if last:
             break
 
         lr = set_lr(optimizer, cfg, step, total_steps)
-        x, y, docs = to_batch(loader.next_rows(), device)  # (B, T) each
+        rows = loader.next_rows()  # (B, 3, seq_len): the global batch, the same on every rank
+        if rt.ddp:
+            rows, n_batch = rank_rows(rows, ctx.rank, ctx.world_size, tok.pad_id)
+        x, y, docs = to_batch(rows, device)  # (B, T) each
         with autocast:
-            _, loss = model(x, y, doc_ids=docs if cfg.pack else None)
+            logits, loss = train_model(x, y, doc_ids=docs if cfg.pack else None)
+        if rt.ddp:
+            loss = rank_loss(loss, logits, y, n_batch, ctx.world_size)
         loss.backward()
         grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_acc += loss.detach()
+        # DDP: the batch's mean on every rank, so that a checkpoint's running sum is the whole batch's
+        loss_acc += all_ranks_sum(loss.detach() / ctx.world_size, ctx.world_size) if rt.ddp else loss.detach()
         n_acc += 1
         tokens_log += x.numel()
         run_tokens += x.numel()
@@ -377,13 +420,16 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             ctx.progress(step, total_steps, "sft", loss=train_loss, val_loss=val_loss)
         checkpoint(ctx, step, model, optimizer, cfg, clock, **loop_state())
 
-    # a final checkpoint (a crash during evaluation or export resumes here), then merge and evaluate
+    # a final checkpoint (a crash during evaluation or export resumes here), then merge and evaluate.
+    # The process group closes here: the rest runs on rank 0 alone, and the other ranks must not wait
+    # for its decoding in a collective that can time out.
     checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, **loop_state())
+    rt.close()
     if lora_layers:
         merge_lora(model)
     model.eval()
     acc, samples = {}, []
-    if eval_prompts:
+    if eval_prompts and ctx.is_main:
         ctx.progress(0, 1, "sft model eval")
         with autocast:
             completions = generate_answers(model, tok, [r["prompt"] for r in eval_prompts], cfg.max_new_tokens,
@@ -396,6 +442,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     ctx.tracker.log_metrics(result.metrics, step=step)
 
     # save the `sft` model directory: a chat model's turn ends at <|im_end|>
+    if not ctx.is_main:
+        return result
     out = save_model_dir(model, base_dir, ctx.output("sft"), eos_token=IM_END)
     write_run_meta(out, "sft", step, total_steps, stop, result.metrics, derived, cfg, curve, base=inputs["base"].fingerprint)
     ctx.tracker.log_text(result.summary, "sft_summary.md")

@@ -34,6 +34,7 @@ curves under `val/`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -151,6 +152,115 @@ def setup_runtime(ctx: StageContext, seed: bool = True) -> Runtime:
     return Runtime(device, autocast, ddp, own_group)
 
 
+def data_parallel(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+    """`model` wrapped in DDP when torchrun started several processes (gradients all-reduced, averaged
+    over ranks, in backward), else `model` itself (also when FSDP already shards it). Keep the
+    unwrapped model for evaluation, sampling and checkpoints: they must not run DDP's collectives."""
+    if not rt.ddp or is_sharded(model):
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[rt.device.index] if rt.cuda else None)
+
+
+def gradient_sync(model: torch.nn.Module, rt: Runtime, sync: bool) -> contextlib.AbstractContextManager:
+    """Around a micro-batch's forward and backward: reduce gradients over ranks (DDP's all-reduce,
+    FSDP's reduce-scatter) only when `sync`, i.e. on the last micro-batch of a step."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if not rt.ddp or sync else model.no_sync()
+
+
+def fully_shard_model(model: GPT, ctx: StageContext) -> GPT | None:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`, Zhao et al. 2023) in place: one unit per decoder
+    block, whose weights are gathered for its forward and backward and freed after, and the root (the
+    embeddings, the tied head, the final norm). Gradients are reduce-scattered and averaged over
+    ranks, like DDP's. Call it before building the optimizer: that must hold the sharded parameters.
+    Forward passes are collectives: every rank must run the same ones (generate() calls submodules
+    and so needs an `unsharded_copy`): returns, on rank 0, a plain copy of the model taken before
+    sharding to gather the weights into (None on the other ranks)."""
+    from torch.distributed.fsdp import fully_shard
+
+    plain = copy.deepcopy(model) if ctx.is_main else None
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    if ctx.is_main:
+        ctx.logger.info("%s: FSDP2 over %d processes", ctx.stage, ctx.world_size)
+    return plain
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full_options(cpu_offload: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The gathered (full) model and optimizer state of a sharded model on rank 0, in the layout of a
+    plain `model.state_dict()` / `optimizer.state_dict()` (parameters numbered in param-group order), so
+    that one process or DDP resumes from it; ({}, {}) on the other ranks. A collective: every rank calls it."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    model_state = dcp.get_model_state_dict(model, options=_full_options(True))
+    by_name = dcp.get_optimizer_state_dict(model, optimizer, options=_full_options(True))
+    if not by_name:
+        return model_state, {}
+    names = [n for g in by_name["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    optim_state = {"state": {index[n]: v for n, v in by_name["state"].items()},
+                   "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+    return model_state, optim_state
+
+
+def load_full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                          optim_state: dict[str, Any]) -> None:
+    """Load a plain (full) checkpoint into a sharded model and its optimizer: every rank gives the whole
+    state and keeps its shard. The inverse of `full_state_dicts`."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    dcp.set_model_state_dict(model, model_state, options=_full_options(False))
+    # the parameter names in param-group order, as torch.distributed.checkpoint numbers them
+    names = [n for g in dcp.get_optimizer_state_dict(model, optimizer, options=_full_options(False))["param_groups"] for n in g["params"]]
+    by_name = {"state": {names[int(i)]: v for i, v in optim_state["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optim_state["param_groups"]]}
+    dcp.set_optimizer_state_dict(model, optimizer, by_name, options=_full_options(False))
+
+
+def unsharded_copy(model: torch.nn.Module, into: torch.nn.Module | None) -> torch.nn.Module | None:
+    """On rank 0, `into` (a plain model of the same config) holding the sharded model's gathered
+    weights, for what must run on one process (sampling, decoding, export); None elsewhere. A collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options(True))
+    if into is None:
+        return None
+    into.load_state_dict(state)
+    return into
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous block of n items split over world_size ranks as evenly as possible
+    (the first n % world_size ranks take one more; a rank may get none when n < world_size)."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
+
+
+def all_ranks_sum(t: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`t` summed over ranks, in place (gloo has no AVG); `t` itself with one process."""
+    if world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def all_ranks_max(value: float, world_size: int, device: torch.device) -> float:
     """The largest `value` over ranks, so that every rank takes the same stop decision."""
     if world_size == 1:
@@ -224,7 +334,8 @@ def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float) -> tor
     grads = [p for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor of the global norm
 
 
 # -- the clock -------------------------------------------------------------------------------------
@@ -309,7 +420,16 @@ def resume(ctx: StageContext, model: torch.nn.Module, optimizer: torch.optim.Opt
         step, curve, clock = ck.get("step", 0), ck.get("curve", []), Clock(ck.get("elapsed_s", 0.0))
     """
     try:
-        found = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
+        if is_sharded(model):  # a full checkpoint (any world size, DDP or FSDP) into this rank's shards
+            found = None
+            latest = checkpoints.latest(ctx.checkpoint_dir)
+            if latest is not None:
+                weights, state, meta = checkpoints.load(latest, map_location="cpu")
+                load_full_state_dicts(model, optimizer, weights, state["optimizer"])
+                checkpoints.restore_rng(state)
+                found = latest, meta
+        else:
+            found = checkpoints.resume(ctx.checkpoint_dir, model, optimizer, map_location=str(device))
         if found is not None:
             for name, obj in stateful.items():
                 obj.load_state_dict(found[1][name])
@@ -331,18 +451,28 @@ def checkpoint(ctx: StageContext, step: int, model: torch.nn.Module, optimizer: 
     than `step` (a crash during evaluation or export then resumes here); keep the last
     cfg.keep_checkpoints. The meta holds the training seconds, the config and every `state` entry
     (an object with state_dict() is saved as its state). Only the main process writes. Returns
-    whether one was written."""
-    if not ctx.is_main:
+    whether one was written.
+
+    A sharded (FSDP) model is gathered into a full state dict first, on every rank (a collective): the
+    checkpoint is the same files as a plain one and resumes on any world size, with or without FSDP."""
+    sharded = is_sharded(model)
+    if not ctx.is_main and not sharded:
         return False
     if final:
-        latest = checkpoints.latest(ctx.checkpoint_dir)
-        if latest is not None and int(latest.name.removeprefix(checkpoints.PREFIX)) >= step:
+        latest = checkpoints.latest(ctx.checkpoint_dir) if ctx.is_main else None
+        due = latest is None or int(latest.name.removeprefix(checkpoints.PREFIX)) < step
+        if sharded:  # rank 0 decides, so that every rank joins the gather or none
+            due = all_ranks_max(float(due and ctx.is_main), ctx.world_size, next(model.parameters()).device) > 0
+        if not due:
             return False
     elif step % cfg.ckpt_every:
         return False
+    model_state, optim_state = full_state_dicts(model, optimizer) if sharded else (model.state_dict(), optimizer.state_dict())
+    if not ctx.is_main:
+        return False
     meta = {"elapsed_s": clock.seconds, "config": dataclasses.asdict(cfg),
             **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}}
-    checkpoints.save(ctx.checkpoint_dir, step, model.state_dict(), optimizer.state_dict(), meta, keep=cfg.keep_checkpoints)
+    checkpoints.save(ctx.checkpoint_dir, step, model_state, optim_state, meta, keep=cfg.keep_checkpoints)
     return True
 
 

@@ -4,13 +4,21 @@ The micro recipe's data stages (crawl of pydoc pages, extract, dedupe, filter, t
 in two homes, in process and with `runner: dask`; small tasks make each stage map several shards.
 Every output is the same bytes, every fingerprint the same (where a stage computes is no part of
 what it computes), and each shard was a Prefect task run of the flow run.
+
+Under a loaded machine these tests once sat 950 s and then failed with "Connection refused" from the
+session's Prefect test server. `watchdog` makes such a run fail loudly and early instead: a shard
+without a result in SHARD_TIMEOUT_S fails its stage (flows/dask_runner.ENV_TIMEOUT), every thread's
+stack is dumped after STACKS_AFTER_S, and a test server that is gone is named as the cause.
 """
 from __future__ import annotations
 
+import faulthandler
+import sys
 from pathlib import Path
 
 import pytest
 
+from flows.dask_runner import ENV_TIMEOUT
 from flows.processes import free_port
 from flows.recipe import RecipeError, load_recipe
 from stages.contract import StageError
@@ -21,6 +29,30 @@ pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
 DATA_STAGES = ("crawl", "extract", "dedupe", "filter", "tokenizer")
 SMALL_TASKS = ["extract.pages_per_task=4", "dedupe.docs_per_task=4"]
+SHARD_TIMEOUT_S = 240  # alone, a whole flow here takes 10-30 s
+STACKS_AFTER_S = 420
+
+
+def server_exit_code() -> int | None:
+    """The exit code of the session's Prefect test server process, or None while it runs."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer._instances.get(None)
+    proc = getattr(server, "server_process", None)
+    return proc.poll() if proc is not None else None
+
+
+@pytest.fixture
+def watchdog(prefect_server, monkeypatch):
+    monkeypatch.setenv(ENV_TIMEOUT, str(SHARD_TIMEOUT_S))
+    assert server_exit_code() is None, f"the Prefect test server exited ({server_exit_code()}) before this test"
+    faulthandler.dump_traceback_later(STACKS_AFTER_S, exit=False, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        code = server_exit_code()
+        assert code is None, f"the session's Prefect test server exited with code {code} during this test"
 
 
 def dir_bytes(d: Path) -> dict[str, bytes]:
@@ -37,7 +69,7 @@ def outputs(home: Home) -> dict[str, tuple[str, dict[str, bytes]]]:
     return found
 
 
-def test_data_stages_on_dask_write_the_same_bytes_as_in_process(tmp_path, prefect_server):
+def test_data_stages_on_dask_write_the_same_bytes_as_in_process(tmp_path, watchdog):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -74,7 +106,7 @@ def test_runner_values_are_validated_in_one_line(tmp_path):
         load_recipe("micro", ["runner={dask: {workers: 0}}"])
 
 
-def test_an_unreachable_scheduler_is_one_line_naming_its_address(tmp_path, prefect_server):
+def test_an_unreachable_scheduler_is_one_line_naming_its_address(tmp_path, watchdog):
     from flows.family import family_flow
 
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -82,3 +114,20 @@ def test_an_unreachable_scheduler_is_one_line_naming_its_address(tmp_path, prefe
         family_flow(recipe="micro", overrides=[f"runner={{dask: '{address}'}}"], home=str(tmp_path / "home"),
                     until="crawl", track=False)
     assert address in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_shard_without_a_result_fails_its_stage_naming_it(monkeypatch):
+    from flows.dask_runner import DaskMapper
+
+    class Stuck:  # a future whose worker never answers
+        def result(self, timeout=None):
+            raise TimeoutError(f"did not complete within {timeout} seconds")
+
+    class Runner:
+        def submit(self, task, parameters):
+            return Stuck()
+
+    monkeypatch.setenv(ENV_TIMEOUT, "0.5")
+    with pytest.raises(StageError, match=r"extract: shard extract-0 of 2 gave no result in 0.5 s") as e:
+        list(DaskMapper(Runner(), "extract")(str, ["a", "b"]))
+    assert ENV_TIMEOUT in str(e.value) and "\n" not in str(e.value)

@@ -23,9 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages import pretrain
+from stages import pretrain, sft
 from tests.conftest import REPO, artifact, make_ctx
 from tests.stages.test_pretrain import TINY, stdlib_docstrings, write_corpus
+from tests.stages.test_sft import inputs_for, task_data, tiny_model_dir, tiny_tokenizer
 
 pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 
@@ -41,22 +42,31 @@ def corpus(tmp_path_factory) -> dict:
     return {"tokenizer": artifact("tokenizer", tok_dir), "tokens": artifact("tokens", tokens_dir)}
 
 
-def torchrun(root: Path, corpus: dict, nproc: int = 2, wait: bool = True, **overrides) -> subprocess.Popen | dict:
-    """`python -m torch.distributed.run ... -m stages.pretrain` in its own process group; its result.json."""
+def launch(root: Path, module: str, config: dict, inputs: dict, nproc: int = 2, wait: bool = True) -> subprocess.Popen | dict:
+    """`python -m torch.distributed.run ... -m <module>` in its own process group; its result.json."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "c.json").write_text(json.dumps({**COMMON, "batch_size": 16 // nproc, **overrides}))
-    (root / "i.json").write_text(json.dumps({k: a.path for k, a in corpus.items()}))
+    (root / "c.json").write_text(json.dumps(config))
+    (root / "i.json").write_text(json.dumps({k: a.path for k, a in inputs.items()}))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "stages.pretrain",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module,
            "--config", str(root / "c.json"), "--inputs", str(root / "i.json"), "--run-dir", str(root / "out"),
            "--checkpoint-dir", str(root / "ckpt")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     if not wait:
         return proc
-    out, _ = proc.communicate(timeout=240)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{module} under torchrun ran past 240 s: {proc.communicate()[0][-3000:]}") from None
     assert proc.returncode == 0, out[-3000:]
     return {**json.loads((root / "result.json").read_text()), "log": out}
+
+
+def torchrun(root: Path, corpus: dict, nproc: int = 2, wait: bool = True, **overrides) -> subprocess.Popen | dict:
+    """stages.pretrain under torchrun at the global batch of 16."""
+    return launch(root, "stages.pretrain", {**COMMON, "batch_size": 16 // nproc, **overrides}, corpus, nproc, wait)
 
 
 def single(root: Path, corpus: dict, **overrides) -> dict:
@@ -126,3 +136,87 @@ def test_a_checkpoint_resumes_under_the_other_world_size(runs, corpus):
         assert curve_diff(resumed, whole) < CURVE_TOL
         assert abs(resumed["metrics"]["val_loss"] - whole["metrics"]["val_loss"]) / whole["metrics"]["val_loss"] < FINAL_REL_TOL
         assert math.isfinite(resumed["metrics"]["val_bpb"])
+
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------------
+# fully_shard per decoder block and the root, on the same 2 x 8 windows per step as DDP above: the
+# reduce-scattered gradients equal the full batch's up to float summation order. Its checkpoints are
+# gathered full state dicts: the one of step 10 resumes in one process, and one process's resumes under FSDP.
+
+
+def test_fsdp_curve_matches_one_process_and_checkpoints_cross_to_one_process(runs, corpus):
+    root = runs["root"]
+    fsdp = torchrun(root / "fsdp", corpus, fsdp=True)
+    assert "FSDP2 over 2 processes" in fsdp["log"]
+    diff = curve_diff(runs["one"], fsdp)
+    rel = abs(fsdp["metrics"]["val_loss"] - runs["one"]["metrics"]["val_loss"]) / runs["one"]["metrics"]["val_loss"]
+    print(f"\nFSDP vs 1 process: max curve difference {diff:.2e} nats, final val loss rel. difference {rel:.2e}")
+    assert diff < CURVE_TOL and rel < FINAL_REL_TOL
+    assert load_file(str(root / "fsdp" / "out" / "base" / "model.safetensors")).keys() == \
+        load_file(str(root / "one" / "out" / "base" / "model.safetensors")).keys()
+    # FSDP -> 1 process, and 1 process -> FSDP, from step 10
+    shutil.copytree(root / "fsdp" / "ckpt" / "step-00000010", root / "fsdp-to-one" / "ckpt" / "step-00000010")
+    to_one = single(root / "fsdp-to-one", corpus, fsdp=True)  # fsdp is ignored by one process
+    shutil.copytree(root / "one" / "ckpt" / "step-00000010", root / "one-to-fsdp" / "ckpt" / "step-00000010")
+    to_fsdp = torchrun(root / "one-to-fsdp", corpus, fsdp=True)
+    assert to_one["log"] == "first logged step 12" and "resumed from" in to_fsdp["log"]
+    for resumed, whole in ((to_one, fsdp), (to_fsdp, runs["one"])):
+        assert len(resumed["tables"]["eval_curve"]) == STEPS // 2 + 1
+        assert curve_diff(resumed, whole) < CURVE_TOL
+        assert abs(resumed["metrics"]["val_loss"] - whole["metrics"]["val_loss"]) / whole["metrics"]["val_loss"] < FINAL_REL_TOL
+
+
+# -- SFT ---------------------------------------------------------------------------------------------
+# batch_size is SFT's global batch. The lookup task's 8 conversations, one per row (pack=false), in
+# global batches of 7: an epoch is a batch of 7 rows (ranks take 4 and 3, with different numbers of
+# assistant tokens) and a batch of 1 (rank 1 gets none and steps with zero gradients), the uneven
+# cases the token weighting of the DDP loss must get right.
+
+SFT_STEPS = 20
+SFT = {"seq_len": 128, "pack": False, "batch_size": 7, "lr": 3e-3, "max_steps": SFT_STEPS, "warmup_steps": 4,
+       "log_every": 2, "eval_every": 2, "ckpt_every": 10, "keep_checkpoints": 3, "base_shots": 1,
+       "max_new_tokens": 4, "eval_batch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("sft")
+    tok = tiny_tokenizer()
+    inputs = inputs_for(tiny_model_dir(root / "base", tok), *task_data(root))
+    ctx = make_ctx(root / "one", "sft")
+    one = json.loads(json.dumps(sft.run(sft.Config(**SFT), inputs, ctx).to_json()))
+    two = launch(root / "two", "stages.sft", SFT, inputs)
+    return {"one": one, "two": two, "root": root, "inputs": inputs, "one_ckpt": ctx.checkpoint_dir}
+
+
+def test_sft_ddp_curve_matches_one_process_at_the_same_global_batch(sft_runs):
+    one, two = sft_runs["one"], sft_runs["two"]
+    diff = curve_diff(one, two)
+    rel = abs(two["metrics"]["val_loss"] - one["metrics"]["val_loss"]) / one["metrics"]["val_loss"]
+    print(f"\nSFT DDP vs 1 process: max curve difference {diff:.2e} nats, final val loss rel. difference {rel:.2e}")
+    assert diff < CURVE_TOL, f"curves differ by {diff} nats"
+    assert rel < FINAL_REL_TOL
+    assert two["metrics"]["val_loss"] < two["tables"]["eval_curve"][0]["val_loss"] - 0.5  # it learned
+    # rank 0 alone decodes: the base model's and the SFT model's task accuracy are the 1-process run's
+    for k in ("base_acc/opposite", "acc/opposite"):
+        assert two["metrics"][k] == one["metrics"][k], k
+    assert (sft_runs["root"] / "two" / "out" / "sft" / "model.safetensors").is_file()
+
+
+def test_sft_checkpoint_resumes_under_the_other_world_size(sft_runs):
+    root, inputs = sft_runs["root"], sft_runs["inputs"]
+    # 2 processes -> 1: the DDP run's step-10 checkpoint continued in one process
+    ctx = make_ctx(root / "two-to-one", "sft")
+    shutil.copytree(root / "two" / "ckpt" / "step-00000010", ctx.checkpoint_dir / "step-00000010")
+    to_one = json.loads(json.dumps(sft.run(sft.Config(**SFT), inputs, ctx).to_json()))
+    # 1 process -> 2: the single-process run's step-10 checkpoint continued under torchrun
+    back = root / "one-to-two"
+    shutil.copytree(sft_runs["one_ckpt"] / "step-00000010", back / "ckpt" / "step-00000010")
+    to_two = launch(back, "stages.sft", SFT, inputs)
+    assert "resumed from" in to_two["log"]
+    for resumed, whole in ((to_one, sft_runs["two"]), (to_two, sft_runs["one"])):
+        assert len(resumed["tables"]["eval_curve"]) == SFT_STEPS // 2 + 1  # the curve to step 10 came with it
+        assert resumed["metrics"]["base_acc/opposite"] == whole["metrics"]["base_acc/opposite"]
+        assert curve_diff(resumed, whole) < CURVE_TOL
+        assert abs(resumed["metrics"]["val_loss"] - whole["metrics"]["val_loss"]) / whole["metrics"]["val_loss"] < FINAL_REL_TOL
