@@ -113,3 +113,134 @@ def chat_main(model_dir: Path, prompt: str | None, max_new_tokens: int, temperat
             print(" [stopped]", end="", file=sys.stderr)
         print()
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+# -- the vision-language member: `family chat --image PATH` -------------------------------------------------
+
+
+def image_count(text: str) -> int:
+    """Images a prompt refers to on its own: `<image>` markers and `<|vision_start|>` tokens."""
+    return text.count("<image>") + text.count("<|vision_start|>")
+
+
+def load_vl(model_dir: Path, image: str | Path) -> tuple:
+    """(VLModel, Tokenizer, pixels (3, S, S), note) or ValueError naming what and where."""
+    from models.vision import VLModel, read_image
+
+    try:
+        model = VLModel.from_pretrained(model_dir)
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{model_dir} is not a vision-language model directory ({str(e).splitlines()[0][:160]}); "
+                         f"use --model vl") from None
+    pixels, note = read_image(image, model.vcfg.image_size)
+    return model, Tokenizer.load(model_dir), pixels, note
+
+
+def vl_prompt_ids(model, tok: Tokenizer, messages: Messages) -> list[int]:
+    """The chat prompt with the image's pads expanded to the model's image-token count."""
+    from models.vision import expand_image_tokens
+
+    msgs = [{**m, "content": expand_image_tokens(m["content"], model.vcfg.image_tokens)} for m in messages]
+    return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+
+
+def vl_reply(model, tok: Tokenizer, pixels: torch.Tensor, messages: Messages, max_new_tokens: int, temperature: float,
+             generator: torch.Generator) -> str:
+    """The assistant's next turn about the image (in the first user turn), as text."""
+    ids = vl_prompt_ids(model, tok, messages)
+    with torch.inference_mode():
+        model.set_images(model.image_features(pixels[None]))
+        try:
+            tokens = list(stream_generate(model.decoder, ids, max_new_tokens, temperature=temperature,
+                                          top_p=0.95 if temperature > 0 else None, stop_ids=(tok.im_end_id, tok.eot_id),
+                                          generator=generator))
+        finally:
+            model.set_images(None)
+    return tok.decode(tokens, skip_special_tokens=True).strip()
+
+
+def vl_chat_main(model_dir: Path, images: list[str], prompt: str | None, max_new_tokens: int, temperature: float,
+                 system: str | None) -> int:
+    """`family chat --image PATH`: questions about one image (one-shot with --prompt, else interactive)."""
+    from models.vision import IMAGE_TOKEN_TEXT
+
+    if len(images) > 1:
+        print(f"error: {len(images)} images given ({', '.join(images)}); the VL model takes one image per conversation",
+              file=sys.stderr)
+        return 2
+    if prompt is not None and image_count(prompt):
+        print(f"error: the prompt refers to {image_count(prompt)} more image(s) besides --image {images[0]}; "
+              f"one image per conversation is supported", file=sys.stderr)
+        return 2
+    try:
+        model, tok, pixels, note = load_vl(Path(model_dir), images[0])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note:
+        print(f"note: {images[0]}: {note}", file=sys.stderr)
+    generator = torch.Generator().manual_seed(0)
+    history: Messages = [{"role": "system", "content": system}] if system else []
+
+    def ask(text: str) -> str:
+        first = not any(m["role"] == "user" for m in history)
+        history.append({"role": "user", "content": f"{IMAGE_TOKEN_TEXT}\n{text}" if first else text})
+        out = vl_reply(model, tok, pixels, history, max_new_tokens, temperature, generator)
+        history.append({"role": "assistant", "content": out})
+        return out
+
+    if prompt is not None:
+        print(ask(prompt))
+        return 0
+    print(f"{Path(model_dir).name} looking at {images[0]}: {HELP}", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        command = text.strip()
+        if not command:
+            continue
+        if command == "/exit":
+            return 0
+        if command == "/reset":
+            history = history[:1] if system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if image_count(text):
+            print("error: one image per conversation is supported (given with --image)", file=sys.stderr)
+            continue
+        print(ask(text))
+
+
+def vl_generate_main(model_dir: Path, images: list[str], prompts: list[str], max_new_tokens: int, temperature: float,
+                     seed: int) -> int:
+    """`family generate --image PATH TEXT`: continue `<image> TEXT` as raw text (no chat template)."""
+    from models.vision import IMAGE_TOKEN_TEXT, expand_image_tokens
+
+    if len(images) > 1:
+        print(f"error: {len(images)} images given ({', '.join(images)}); one is supported", file=sys.stderr)
+        return 2
+    try:
+        model, tok, pixels, note = load_vl(Path(model_dir), images[0])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if note:
+        print(f"note: {images[0]}: {note}", file=sys.stderr)
+    generator = torch.Generator().manual_seed(seed)
+    for i, p in enumerate(prompts):
+        ids = tok.encode(expand_image_tokens(f"{IMAGE_TOKEN_TEXT}\n{p}", model.vcfg.image_tokens))
+        with torch.inference_mode():
+            model.set_images(model.image_features(pixels[None]))
+            try:
+                new = list(stream_generate(model.decoder, ids, max_new_tokens, temperature=temperature,
+                                           top_p=0.95 if temperature > 0 else None, stop_ids=(tok.eot_id, tok.im_end_id),
+                                           generator=generator))
+            finally:
+                model.set_images(None)
+        print(p + tok.decode(new, skip_special_tokens=True))
+        if len(prompts) > 1 and i + 1 < len(prompts):
+            print("-" * 40)
+    return 0

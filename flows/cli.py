@@ -13,6 +13,7 @@ Examples:
   family sql "select reason, count(*) from excluded group by 1"
   family generate --model base "The json module"   sample from the base model
   family chat                                  talk to the newest chat model (grpo, else dpo, else sft)
+  family chat --image scene.png --prompt "What colour is the shape?"   ask the vision-language member
   family search "json dumps" --mode hybrid     search the corpus (bm25, dense, hybrid, reranked)
   family rag "How do I parse a URL query string?"   answer from the corpus, with cited passages
   family ui                                    Prefect UI and MLflow UI on 127.0.0.1 (Ctrl-C stops both)
@@ -509,9 +510,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from models.tokenizer import Tokenizer
 
     try:
-        model_dir = resolve_model(Home.resolve(args.home), args.model)
+        model_dir = resolve_model(Home.resolve(args.home), "vl" if args.image and args.model == "base" else args.model)
     except FileNotFoundError as e:
         return _err(str(e))
+    if args.image:
+        from flows.chat import vl_generate_main
+
+        return vl_generate_main(model_dir, args.image, args.prompt, args.max_new_tokens, args.temperature, args.seed)
     torch.manual_seed(args.seed)
     model = load_model(model_dir).eval()  # plain or quantized (QuantLinear)
     tok = Tokenizer.load(model_dir)
@@ -530,9 +535,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from flows.chat import chat_main
 
     try:
-        model_dir = resolve_model(Home.resolve(args.home), args.model)
+        model_dir = resolve_model(Home.resolve(args.home), "vl" if args.image and args.model == "chat" else args.model)
     except FileNotFoundError as e:
         return _err(str(e))
+    if args.image:
+        from flows.chat import vl_chat_main
+
+        return vl_chat_main(model_dir, args.image, args.prompt, args.max_new_tokens, args.temperature, args.system)
     return chat_main(model_dir, args.prompt, args.max_new_tokens, args.temperature, args.system)
 
 
@@ -619,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", action="append", help="an image (PNG/JPEG, any size) for the vision-language model (then --model defaults to vl)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model of the family (interactive, or one-shot with --prompt)", epilog='example: family chat --prompt "What is 12 + 30?"')
@@ -628,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--image", action="append", help="ask about an image (PNG/JPEG, any size; resized with a note) with the vision-language model (--model defaults to vl)")
     p.set_defaults(func=cmd_chat)
 
     for name, helptext in (("search", "search the corpus: BM25, dense, hybrid or reranked"),

@@ -83,10 +83,30 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
                               "--prompt", "What is 12 + 30?", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr
 
+    # the vision-language member: its headline metrics, and `family chat --image` on a PNG that is not in the data
+    vl = by_stage["vl"]["metrics"]
+    assert by_stage["images"]["metrics"]["rows"] > 0
+    for key in ("acc/colour", "blind_acc/colour", "majority_acc/colour", "swap_acc/colour", "text_acc/arith",
+                "chat_text_acc/arith"):
+        assert key in vl, key
+    from PIL import Image, ImageDraw
+
+    png = tmp_path / "scene.png"
+    img = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(img).ellipse((10, 10, 40, 40), fill=(220, 40, 40))
+    img.save(png)
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--home", str(home.root), "--image", str(png),
+                          "--prompt", "What colour is the shape?", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr
+    assert "resized from 64x64" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--home", str(home.root), "--image", str(tmp_path / "none.png"),
+                          "--prompt", "?"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "none.png: no such image file" in out.stderr
+
     client = MlflowClient(home.mlflow_uri)
     versions = client.search_model_versions("name = 'micro-chat'")
     assert len(versions) == 1 and client.get_run(versions[0].run_id).data.tags["stage"] == "grpo"
     for member, stage in (("micro-embed", "embed"), ("micro-rerank", "rerank"), ("micro-small", "distill"),
-                          ("micro-chat-int8", "quantize"), ("micro-chat-int4", "quantize")):
+                          ("micro-chat-int8", "quantize"), ("micro-chat-int4", "quantize"), ("micro-vl", "vl")):
         versions = client.search_model_versions(f"name = '{member}'")
         assert len(versions) == 1 and client.get_run(versions[0].run_id).data.tags["stage"] == stage
