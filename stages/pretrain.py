@@ -54,8 +54,9 @@ from models.hf_export import save_model_dir
 from models.tokenizer import Tokenizer
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.training import (
-    Clock, TrainConfig, adamw, all_ranks_max, budget_warnings, checkpoint, clip_gradients, data_parallel,
-    fully_shard_model, gradient_sync, resume, set_lr, setup_runtime, stopped_by, unsharded_copy, write_run_meta,
+    Clock, TrainConfig, adamw, all_ranks_max, all_ranks_sum, budget_warnings, checkpoint, clip_gradients,
+    data_parallel, fully_shard_model, gradient_sync, resume, set_lr, setup_runtime, stopped_by, unsharded_copy,
+    write_run_meta,
 )
 from storage.artifacts import Artifact
 
@@ -372,6 +373,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             break
 
         lr = set_lr(optimizer, cfg, step, total_steps)
+        step_loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # (B, T)
@@ -380,7 +382,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                 _, loss = model(x, y)
             with sync:
                 (loss / cfg.grad_accum).backward()
-            loss_acc += loss.detach() / cfg.grad_accum
+            step_loss += loss.detach() / cfg.grad_accum
+        # DDP: every rank adds the whole batch's mean, so the running sum a checkpoint carries between logs
+        # is the same on every rank (rank 0 writes it; every rank resumes from it)
+        loss_acc += all_ranks_sum(step_loss / ctx.world_size, ctx.world_size) if rt.ddp else step_loss
         n_acc += 1
         grad_norm = clip_gradients(raw_model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -392,10 +397,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
         if step % cfg.log_every == 0 or step == total_steps:
             # the .item() calls below are the loop's only host-device syncs
-            loss_mean = loss_acc / (n_acc * ctx.world_size)
-            if rt.ddp:
-                dist.all_reduce(loss_mean)  # a sum: gloo has no AVG
-            train_loss = loss_mean.item()
+            train_loss = (loss_acc / n_acc).item()
             loss_acc.zero_()
             n_acc = 0
             tok_s = clock.lap(tokens_log)

@@ -6,10 +6,9 @@ start` (with its services) on the `prefect` database (asyncpg), and `mlflow serv
 with `--artifacts-destination s3://mlflow`. Then `family run` sees only the two variables a user sets,
 PREFECT_API_URL and MLFLOW_TRACKING_URI.
 
-Which stages: the micro family's data stages, pretrain, instruct and sft (`--until sft`), the part
-that exercises every backend (Prefect task runs and artifacts, MLflow parent/child runs, metrics,
-params and artifacts in S3). The whole micro family is tests/flows/test_micro.py's (~3-4 min on 2
-cores); a second full run against these servers would add as much to CI for no backend path more.
+The whole micro family, every stage (a second full micro run beside tests/flows/test_micro.py's,
+~2-3 min on 2 cores): every backend path a user's run takes, Prefect task runs and artifacts, MLflow
+parent/child runs, metrics, params, artifacts in S3 and the registered members.
 """
 from __future__ import annotations
 
@@ -55,13 +54,15 @@ def test_micro_family_on_prefect_and_mlflow_servers_backed_by_postgres_and_s3(tm
             # what a user sets: the two URLs (and a home); nothing of the servers' own settings
             env = dict(base, PREFECT_API_URL=api, MLFLOW_TRACKING_URI=tracking, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
             home = tmp_path / "home"
-            proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--recipe", "micro", "--until", "sft", "--home", str(home)],
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--recipe", "micro", "--home", str(home)],
+                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
             assert proc.returncode == 0, proc.stderr[-4000:]
             assert not (home / "mlflow.db").exists() and not (home / "prefect" / "prefect.db").exists(), "a local backend was used"
 
             # Prefect: the flow run and its stage task runs are rows of the Postgres database
-            want = {"crawl", "extract", "dedupe", "filter", "tokenizer", "pretrain", "instruct", "sft"}
+            from flows.recipe import load_recipe
+
+            want = set(load_recipe("micro").stages)
             deadline = time.monotonic() + 60  # the recorder writes task runs from their events, a moment later
             while True:
                 with psycopg2.connect(f"{pg}/prefect") as con, con.cursor() as cur:
@@ -82,7 +83,7 @@ def test_micro_family_on_prefect_and_mlflow_servers_backed_by_postgres_and_s3(tm
             exp = client.get_experiment_by_name("family-micro")
             runs = client.search_runs([exp.experiment_id])
             stages = {r.data.tags.get("stage") for r in runs} - {None}
-            assert {"pretrain", "sft", "tokenizer"} <= stages
+            assert want <= stages, want - stages
             pretrain = next(r for r in runs if r.data.tags.get("stage") == "pretrain")
             assert len(client.get_metric_history(pretrain.info.run_id, "train/loss")) >= 10
             with psycopg2.connect(f"{pg}/mlflow") as con, con.cursor() as cur:
@@ -93,6 +94,11 @@ def test_micro_family_on_prefect_and_mlflow_servers_backed_by_postgres_and_s3(tm
             keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="mlflow") for o in page.get("Contents", [])]
             assert any(pretrain.info.run_id in k and k.endswith("manifest.json") for k in keys), keys[:20]
             assert any(k.endswith(".md") and "samples" in k for k in keys)
+            # the registered members: versions in Postgres, their model directories in S3
+            registered = {m.name for m in client.search_registered_models()}
+            assert {"micro-chat", "micro-embed", "micro-vl"} <= registered, registered
+            version = client.search_model_versions("name = 'micro-chat'")[0]
+            assert version.source and any(version.run_id in k and k.endswith("model.safetensors") for k in keys)
         finally:
             stop_group(mlflow)
             stop_group(prefect)

@@ -220,3 +220,23 @@ def test_sft_checkpoint_resumes_under_the_other_world_size(sft_runs):
         assert resumed["metrics"]["base_acc/opposite"] == whole["metrics"]["base_acc/opposite"]
         assert curve_diff(resumed, whole) < CURVE_TOL
         assert abs(resumed["metrics"]["val_loss"] - whole["metrics"]["val_loss"]) / whole["metrics"]["val_loss"] < FINAL_REL_TOL
+
+
+def test_sft_kill_9_of_the_group_and_rerun_resumes_exactly_under_ddp(sft_runs):
+    root, inputs = sft_runs["root"] / "killed", sft_runs["inputs"]
+    proc = launch(root, "stages.sft", SFT, inputs, wait=False)
+    deadline = time.monotonic() + 180
+    while not (root / "ckpt" / "step-00000010").exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "result.json").exists() and not (root / "ckpt" / f"step-{SFT_STEPS:08d}").exists(), "killed too late"
+    resumed = launch(root, "stages.sft", SFT, inputs)
+    assert "resumed from" in resumed["log"]
+    assert resumed["metrics"]["val_loss"] == sft_runs["two"]["metrics"]["val_loss"]
+    assert resumed["tables"]["eval_curve"] == sft_runs["two"]["tables"]["eval_curve"]
+    a = load_file(str(sft_runs["root"] / "two" / "out" / "sft" / "model.safetensors"))
+    b = load_file(str(root / "out" / "sft" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
