@@ -383,8 +383,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             with sync:
                 (loss / cfg.grad_accum).backward()
             step_loss += loss.detach() / cfg.grad_accum
-        # DDP: every rank adds the whole batch's mean, so the running sum a checkpoint carries between logs
-        # is the same on every rank (rank 0 writes it; every rank resumes from it)
+        # DDP: the whole batch's mean on every rank, so a checkpoint's running sum (rank 0's) is every rank's
         loss_acc += all_ranks_sum(step_loss / ctx.world_size, ctx.world_size) if rt.ddp else step_loss
         n_acc += 1
         grad_norm = clip_gradients(raw_model.parameters(), cfg.grad_clip)
@@ -396,8 +395,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         tokens_log += tokens_per_step
 
         if step % cfg.log_every == 0 or step == total_steps:
-            # the .item() calls below are the loop's only host-device syncs
-            train_loss = (loss_acc / n_acc).item()
+            train_loss = (loss_acc / n_acc).item()  # with the ones below, the loop's only host-device syncs
             loss_acc.zero_()
             n_acc = 0
             tok_s = clock.lap(tokens_log)
