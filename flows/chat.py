@@ -12,7 +12,7 @@ oldest turns are left out of the prompt; the system message always stays.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -87,7 +87,26 @@ def chat_main(model_dir: Path, prompt: str | None, max_new_tokens: int, temperat
         print(answer.strip())
         return 0
 
-    print(f"{model_dir.name}: {HELP}", file=sys.stderr)
+    def turn(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        pieces = []
+        try:
+            for piece in reply(model, tok, history, max_new_tokens, temperature, generator):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="", file=sys.stderr)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+    return repl(f"{model_dir.name}: {HELP}", turn, history, keep=1 if system else 0)
+
+
+def repl(banner: str, turn: Callable[[str], None], history: Messages, keep: int,
+         refuse: Callable[[str], str | None] = lambda text: None) -> int:
+    """The interactive loop of `family chat`: /reset clears `history` down to its first `keep` messages
+    (the system prompt), /exit or end of input leaves; `refuse(text)` may name why a line is not sent."""
+    print(banner, file=sys.stderr)
     while True:
         try:
             text = input("> ")
@@ -100,20 +119,14 @@ def chat_main(model_dir: Path, prompt: str | None, max_new_tokens: int, temperat
         if command == "/exit":
             return 0
         if command == "/reset":
-            history = history[:1] if system else []
+            del history[keep:]
             print("(conversation cleared)", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        pieces = []
-        try:
-            for piece in reply(model, tok, history, max_new_tokens, temperature, generator):
-                pieces.append(piece)
-                print(piece, end="", flush=True)
-        except KeyboardInterrupt:
-            print(" [stopped]", end="", file=sys.stderr)
-        print()
-        history.append({"role": "assistant", "content": "".join(pieces).strip()})
-
+        reason = refuse(text)
+        if reason:
+            print(reason, file=sys.stderr)
+            continue
+        turn(text)
 
 # -- the vision-language member: `family chat --image PATH` -------------------------------------------------
 
@@ -192,26 +205,11 @@ def vl_chat_main(model_dir: Path, images: list[str], prompt: str | None, max_new
     if prompt is not None:
         print(ask(prompt))
         return 0
-    print(f"{Path(model_dir).name} looking at {images[0]}: {HELP}", file=sys.stderr)
-    while True:
-        try:
-            text = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return 0
-        command = text.strip()
-        if not command:
-            continue
-        if command == "/exit":
-            return 0
-        if command == "/reset":
-            history = history[:1] if system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if image_count(text):
-            print("error: one image per conversation is supported (given with --image)", file=sys.stderr)
-            continue
-        print(ask(text))
+    def refuse(text: str) -> str | None:
+        return "error: one image per conversation is supported (given with --image)" if image_count(text) else None
+
+    return repl(f"{Path(model_dir).name} looking at {images[0]}: {HELP}", lambda text: print(ask(text)), history,
+                keep=1 if system else 0, refuse=refuse)
 
 
 def vl_generate_main(model_dir: Path, images: list[str], prompts: list[str], max_new_tokens: int, temperature: float,

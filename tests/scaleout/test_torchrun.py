@@ -64,6 +64,18 @@ def launch(root: Path, module: str, config: dict, inputs: dict, nproc: int = 2, 
     return {**json.loads((root / "result.json").read_text()), "log": out}
 
 
+def kill_after_first_checkpoint(proc: subprocess.Popen, root: Path, steps: int) -> None:
+    """kill -9 the torchrun group once its step-10 checkpoint exists, before the run ends."""
+    deadline = time.monotonic() + 180
+    while not (root / "ckpt" / "step-00000010").exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (root / "result.json").exists() and not (root / "ckpt" / f"step-{steps:08d}").exists(), "killed too late"
+
+
 def torchrun(root: Path, corpus: dict, nproc: int = 2, wait: bool = True, **overrides) -> subprocess.Popen | dict:
     """stages.pretrain under torchrun at the global batch of 16."""
     return launch(root, "stages.pretrain", {**COMMON, "batch_size": 16 // nproc, **overrides}, corpus, nproc, wait)
@@ -103,15 +115,7 @@ def test_ddp_curve_matches_one_process_at_the_same_global_batch(runs):
 
 def test_kill_9_of_the_group_and_rerun_resumes_exactly_under_ddp(runs, corpus):
     root = runs["root"] / "killed"
-    proc = torchrun(root, corpus, wait=False)
-    deadline = time.monotonic() + 180
-    while not (root / "ckpt" / "step-00000010").exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (root / "result.json").exists() and not (root / "ckpt" / f"step-{STEPS:08d}").exists(), "killed too late"
+    kill_after_first_checkpoint(torchrun(root, corpus, wait=False), root, STEPS)
     resumed = torchrun(root, corpus)
     assert resumed["metrics"]["val_loss"] == runs["two"]["metrics"]["val_loss"]
     a = load_file(str(runs["root"] / "two" / "out" / "base" / "model.safetensors"))
@@ -224,15 +228,7 @@ def test_sft_checkpoint_resumes_under_the_other_world_size(sft_runs):
 
 def test_sft_kill_9_of_the_group_and_rerun_resumes_exactly_under_ddp(sft_runs):
     root, inputs = sft_runs["root"] / "killed", sft_runs["inputs"]
-    proc = launch(root, "stages.sft", SFT, inputs, wait=False)
-    deadline = time.monotonic() + 180
-    while not (root / "ckpt" / "step-00000010").exists():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (root / "result.json").exists() and not (root / "ckpt" / f"step-{SFT_STEPS:08d}").exists(), "killed too late"
+    kill_after_first_checkpoint(launch(root, "stages.sft", SFT, inputs, wait=False), root, SFT_STEPS)
     resumed = launch(root, "stages.sft", SFT, inputs)
     assert "resumed from" in resumed["log"]
     assert resumed["metrics"]["val_loss"] == sft_runs["two"]["metrics"]["val_loss"]
