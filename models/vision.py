@@ -18,7 +18,10 @@ The embedding's weight is the same Parameter as before, so a tied output head st
 Partial LoRA (InternLM-XComposer2, Dong et al. 2024): `PartialLoRALinear` adds the low-rank update
 of models/lora.py only at image-token positions, y = x W^T + m * (alpha / r) * x A^T B^T with m = 1
 on `<|image_pad|>` rows and 0 elsewhere; the mask comes from the ImageTokenEmbedding of the same
-forward pass. A text-only prompt therefore computes exactly what the chat model computes.
+forward pass. A text-only prompt therefore computes exactly what the chat model computes. Scope
+"conversation" widens m to every token of a row that holds an image (the prompt's and the answer's,
+through the decode steps): the adapters can then shape the answer, and a text-only input still
+computes exactly the chat model, as a frozen language model does in Flamingo (Alayrac et al. 2022).
 
     model = VLModel.from_pretrained(dir)
     pixels = image_tensor(Image.open("cat.png"), model.vcfg.image_size)[0]      # (3, H, W)
@@ -52,6 +55,8 @@ class VisionConfig:
     d_ff: int = 384
     ln_eps: float = 1e-6
     merge: int = 2  # pixel unshuffle: merge x merge neighbouring patches into one image token
+    pool_queries: int = 0  # learned-query attention-pool tokens after the patch tokens (0: none)
+    patch_tokens: bool = True  # the merged patches as image tokens (False: the pool tokens alone)
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -62,6 +67,8 @@ class VisionConfig:
             raise ValueError(f"patch_size={self.patch_size} is not a power of two (the conv stem halves the image per layer)")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+        if self.pool_queries < 0 or (not self.patch_tokens and not self.pool_queries):
+            raise ValueError("an image needs tokens: patch_tokens or pool_queries > 0")
 
     @property
     def grid(self) -> int:
@@ -69,8 +76,8 @@ class VisionConfig:
 
     @property
     def image_tokens(self) -> int:
-        """Decoder tokens per image after the projector's merge."""
-        return (self.grid // self.merge) ** 2
+        """Decoder tokens per image: the merged patches (if patch_tokens), then the pool queries."""
+        return (self.grid // self.merge) ** 2 * self.patch_tokens + self.pool_queries
 
 
 # -- the vision tower (SigLIP's shape) -----------------------------------------------------------------
@@ -177,17 +184,44 @@ def pixel_unshuffle(x: torch.Tensor, grid: int, merge: int) -> torch.Tensor:
     return x.reshape(B, g * g, merge * merge * d)
 
 
+class AttentionPool(nn.Module):
+    """Learned queries, each one softmax attention over the patch features (SigLIP's MAP head without
+    its MLP; the learned queries of BLIP-2's Q-Former and Qwen-VL's resampler, one layer deep):
+    (B, P, d) -> (B, Q, d)."""
+
+    def __init__(self, d: int, n_queries: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d) * 0.02)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        att = torch.softmax(self.query @ patches.transpose(1, 2) / math.sqrt(patches.shape[-1]), dim=-1)  # (B, Q, P)
+        return self.norm(att @ patches)
+
+
 class VisionProjector(nn.Module):
-    """LLaVA-1.5's mlp2x_gelu after a pixel unshuffle: (B, P, d_vision) -> (B, P / merge^2, d_decoder)."""
+    """LLaVA-1.5's mlp2x_gelu after a pixel unshuffle: (B, P, d_vision) -> (B, P / merge^2, d_decoder);
+    with pool_queries, an AttentionPool's tokens through their own mlp2x_gelu follow (or, without
+    patch_tokens, stand alone)."""
 
     def __init__(self, cfg: VisionConfig, d_out: int):
         super().__init__()
-        self.grid, self.merge = cfg.grid, cfg.merge
-        self.linear_1 = nn.Linear(cfg.merge ** 2 * cfg.d_model, d_out)
-        self.linear_2 = nn.Linear(d_out, d_out)
+        self.grid, self.merge, self.patch_tokens = cfg.grid, cfg.merge, cfg.patch_tokens
+        if cfg.patch_tokens:
+            self.linear_1 = nn.Linear(cfg.merge ** 2 * cfg.d_model, d_out)
+            self.linear_2 = nn.Linear(d_out, d_out)
+        self.pool = AttentionPool(cfg.d_model, cfg.pool_queries) if cfg.pool_queries else None
+        if self.pool is not None:
+            self.pool_1 = nn.Linear(cfg.d_model, d_out)
+            self.pool_2 = nn.Linear(d_out, d_out)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(pixel_unshuffle(patches, self.grid, self.merge))))
+        out = []
+        if self.patch_tokens:
+            out.append(self.linear_2(F.gelu(self.linear_1(pixel_unshuffle(patches, self.grid, self.merge)))))
+        if self.pool is not None:
+            out.append(self.pool_2(F.gelu(self.pool_1(self.pool(patches)))))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
 
 # -- the decoder side: image tokens in, partial LoRA ---------------------------------------------------------
@@ -207,13 +241,17 @@ class ImageTokenEmbedding(nn.Module):
         self.image_pad_id = image_pad_id
         self.features: torch.Tensor | None = None
         self.image_mask: torch.Tensor | None = None
+        self.row_mask: torch.Tensor | None = None  # (B,) rows whose conversation holds an image
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(input_ids, self.weight)  # (B, T, d)
         self.image_mask = input_ids == self.image_pad_id  # (B, T)
         n = int(self.image_mask.sum())
         if n == 0:
+            if self.features is None:  # a text-only input; else a decode step after an image prefill keeps its rows
+                self.row_mask = None
             return x
+        self.row_mask = self.image_mask.any(1)
         if self.features is None or self.features.shape[0] != n:
             have = 0 if self.features is None else self.features.shape[0]
             raise ValueError(f"the input holds {n} <|image_pad|> tokens but {have} image token features were given")
@@ -221,14 +259,26 @@ class ImageTokenEmbedding(nn.Module):
 
 
 class PartialLoRALinear(LoRALinear):
-    """A LoRALinear whose update applies only where `embedding.image_mask` is True (image tokens)."""
+    """A LoRALinear whose update applies only where the embedding says: scope "image", the image
+    tokens (`image_mask`, (B, T)); scope "conversation", every token of a row whose conversation holds
+    an image (`row_mask`, (B,), kept through the decode steps after the prefill), so a text-only
+    input computes exactly the decoder without adapters."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, embedding: ImageTokenEmbedding):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, embedding: ImageTokenEmbedding, scope: str = "image"):
         super().__init__(base, r, alpha)
+        if scope not in ("image", "conversation"):
+            raise ValueError(f"partial LoRA scope {scope!r} is not 'image' or 'conversation'")
         self._embedding = [embedding]  # a list: not a submodule, so its weight is not registered twice
+        self.scope = scope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self._embedding[0].image_mask  # (B, T) of this forward pass
+        emb = self._embedding[0]
+        if self.scope == "conversation":
+            if emb.row_mask is None or not bool(emb.row_mask.any()):
+                return F.linear(x, self.weight, self.bias)
+            mask = emb.row_mask[:, None].expand(x.shape[0], x.shape[1])  # (B, T)
+        else:
+            mask = emb.image_mask  # (B, T) of this forward pass
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)  # (B, T, out)
         return F.linear(x, self.weight, self.bias) + self.scale * update * mask[..., None].to(x.dtype)
 
@@ -241,6 +291,7 @@ class VLConfig:
     lora_r: int = 0  # partial LoRA on image tokens (0: none; a full LoRA is merged into the decoder weights)
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    lora_scope: str = "image"  # partial LoRA: "image" tokens or every token of a "conversation" with an image
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -265,7 +316,7 @@ class VLModel(nn.Module):
     def embedding(self) -> ImageTokenEmbedding:
         return self.decoder.embed_tokens
 
-    def add_partial_lora(self, targets: tuple[str, ...], r: int, alpha: float) -> list[str]:
+    def add_partial_lora(self, targets: tuple[str, ...], r: int, alpha: float, scope: str = "image") -> list[str]:
         """Freeze the decoder and wrap its Linear layers named by `targets` in PartialLoRALinear."""
         self.decoder.requires_grad_(False)
         chosen = [name for name, m in self.decoder.named_modules()
@@ -273,8 +324,8 @@ class VLModel(nn.Module):
         if not chosen:
             raise ValueError(f"no decoder Linear matches LoRA targets {list(targets)}")
         for name in chosen:
-            _set_child(self.decoder, name, PartialLoRALinear(self.decoder.get_submodule(name), r, alpha, self.embedding))
-        self.lora = {"r": r, "alpha": alpha, "targets": list(targets)}
+            _set_child(self.decoder, name, PartialLoRALinear(self.decoder.get_submodule(name), r, alpha, self.embedding, scope))
+        self.lora = {"r": r, "alpha": alpha, "targets": list(targets), "scope": scope}
         return chosen
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -284,6 +335,8 @@ class VLModel(nn.Module):
     def set_images(self, features: torch.Tensor | None) -> None:
         """The projected features (B_img, N, d) of the images of the next decoder call, or None."""
         self.embedding.features = None if features is None else features.reshape(-1, features.shape[-1])
+        if features is None:
+            self.embedding.row_mask = None
 
     def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -304,7 +357,7 @@ class VLModel(nn.Module):
             del state["decoder.lm_head.weight"]
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
         cfg = VLConfig(asdict(self.vcfg), self.decoder.cfg.to_dict(), self.image_pad_id, self.lora["r"],
-                       self.lora["alpha"], tuple(self.lora["targets"]))
+                       self.lora["alpha"], tuple(self.lora["targets"]), self.lora.get("scope", "image"))
         (out / "config.json").write_text(json.dumps({"family_vl": cfg.to_dict()}, indent=2))
 
     @classmethod
@@ -316,7 +369,7 @@ class VLModel(nn.Module):
         c = raw["family_vl"]
         model = cls(VisionConfig(**c["vision"]), GPT(GPTConfig.from_dict(c["decoder"])), c["image_pad_id"])
         if c.get("lora_r"):
-            model.add_partial_lora(tuple(c["lora_targets"]), c["lora_r"], c["lora_alpha"])
+            model.add_partial_lora(tuple(c["lora_targets"]), c["lora_r"], c["lora_alpha"], c.get("lora_scope", "image"))
         state = load_file(str(d / "model.safetensors"))
         if model.decoder.cfg.tie_embeddings:
             state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
@@ -402,16 +455,15 @@ def attribute_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.T
 
 
 class AttributeHead(nn.Module):
-    """The ViT pretraining head: one learned query per attribute attends over the patch features (one
-    softmax attention, as SigLIP's MAP head), then a Linear per attribute to its classes."""
+    """The ViT pretraining head: one learned query per attribute attends over the patch features
+    (`AttentionPool`, one softmax attention, as SigLIP's MAP head), then a Linear per attribute to its
+    classes. The VL stage can keep the pool as the projector's query tokens (VisionConfig.pool_queries)."""
 
     def __init__(self, d: int, classes: list[int]):
         super().__init__()
-        self.query = nn.Parameter(torch.randn(len(classes), d) * 0.02)
-        self.norm = nn.LayerNorm(d)
+        self.pool = AttentionPool(d, len(classes))
         self.out = nn.ModuleList(nn.Linear(d, c) for c in classes)
 
     def forward(self, patches: torch.Tensor) -> list[torch.Tensor]:
-        att = torch.softmax(self.query @ patches.transpose(1, 2) / math.sqrt(patches.shape[-1]), dim=-1)  # (B, A, P)
-        z = self.norm(att @ patches)  # (B, A, d)
+        z = self.pool(patches)  # (B, A, d)
         return [out(z[:, a]) for a, out in enumerate(self.out)]

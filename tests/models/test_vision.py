@@ -86,15 +86,55 @@ def test_partial_lora_changes_image_positions_only():
     assert not torch.allclose(with_lora[0, -1], without[0, -1])
 
 
+def test_conversation_lora_changes_every_token_of_image_rows_only():
+    m = tiny()
+    text = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    before, _ = m.decoder(text)
+    m.add_partial_lora(("q_proj", "v_proj", "up_proj"), r=4, alpha=8, scope="conversation")
+    for p in m.decoder.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    after, _ = m.decoder(text)
+    torch.testing.assert_close(before, after, rtol=0, atol=0)  # text-only input: exactly the chat model
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1] + [PAD] * 4 + [3]])  # a text row beside an image row
+    feats = m.image_features(torch.randn(1, 3, 32, 32))
+    m.set_images(feats)
+    mixed, _ = m.decoder(ids)
+    torch.testing.assert_close(mixed[0], before[0], rtol=0, atol=0)  # the text row is untouched
+    assert m.embedding.row_mask.tolist() == [False, True]
+    m.decoder(torch.tensor([[9], [9]]))  # a decode step: no pads, the rows from the prefill still hold
+    assert m.embedding.row_mask.tolist() == [False, True]
+    m.set_images(None)
+    assert m.embedding.row_mask is None
+    plain = tiny()  # the same weights without adapters: the image row's first token (before the image) differs
+    plain.set_images(plain.image_features(torch.randn(1, 3, 32, 32)))
+    m.set_images(feats)
+    assert not torch.allclose(m.decoder(ids[1:])[0][0, 0], plain.decoder(ids[1:])[0][0, 0])
+    m.set_images(None)
+
+
+def test_attention_pool_tokens_follow_or_replace_the_patches():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for patch_tokens, n in ((True, 4 + 3), (False, 3)):
+        vcfg = VisionConfig(image_size=32, patch_size=8, d_model=32, n_layers=1, n_heads=2, d_ff=64, pool_queries=3,
+                            patch_tokens=patch_tokens)
+        m = VLModel(vcfg, GPT(GPTConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64)), PAD)
+        assert vcfg.image_tokens == n and m.image_features(x).shape == (2, n, 32)
+    with pytest.raises(ValueError, match="needs tokens"):
+        VisionConfig(image_size=32, patch_size=8, d_model=32, n_heads=2, patch_tokens=False)
+
+
 def test_save_and_load_give_the_same_logits(tmp_path):
     m = tiny()
-    m.add_partial_lora(("q_proj",), r=2, alpha=4)
+    m.add_partial_lora(("q_proj",), r=2, alpha=4, scope="conversation")
     m.eval()
     ids = torch.tensor([[1] + [PAD] * 4 + [3]])
     pix = torch.randn(1, 3, 32, 32)
     m.save_pretrained(tmp_path)
     back = VLModel.from_pretrained(tmp_path)
     torch.testing.assert_close(m(ids, pix)[0], back(ids, pix)[0])
+    assert back.lora["scope"] == "conversation"
 
 
 def test_attribute_loss_by_hand_skips_missing_labels():

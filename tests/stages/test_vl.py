@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.vision import VLModel
 from stages import images as I
@@ -36,8 +37,15 @@ def test_pure_functions_by_hand():
     assert t.tolist() == [[1, 0, -100], [-100, -100, 0], [-100, -100, -100]]  # columns: colour, shape, word
     blind = V.shuffle_partners(rows)
     assert blind == [2, 3, 0, 1] and V.swap_partners([rows[0]]) == [0]
-    capped = V.cap_per_task([{"task": "a"}, {"task": "b"}, {"task": "a"}, {"task": "a"}], 2)
-    assert [r["task"] for r in capped] == ["a", "b", "a"]
+    # balanced: as many of each answer as the rarest allows (and n // answers), kept in input order
+    rows = [{"task": "a", "answer": x} for x in "xxxyxy"] + [{"task": "b", "answer": "z"}]
+    assert [(r["task"], r["answer"]) for r in V.balanced_per_task(rows, 10)] == [("a", "x"), ("a", "x"), ("a", "y"), ("a", "y"), ("b", "z")]
+    assert [r["answer"] for r in V.balanced_per_task(rows, 2)] == ["x", "y", "z"]
+    logits = torch.randn(5, 7)
+    assert float(V.text_kl(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    student, teacher = torch.randn(5, 7), torch.randn(5, 7)
+    expected = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    torch.testing.assert_close(V.text_kl(student, teacher), expected)
     s1, s2 = V.Stream(5, [0, 1]), V.Stream(5, [0, 1])
     assert s1.take(7) == s2.take(7) and sorted(V.Stream(5, [0, 1]).take(5)) == [0, 1, 2, 3, 4]
 
@@ -72,7 +80,7 @@ def test_stage_trains_measures_and_resumes_to_the_same_bytes(world):
     assert all(v <= cfg.eval_per_task for v in res.tables["eval"][0].values() if isinstance(v, int))
     out = ctx.output("vl")
     model = VLModel.from_pretrained(out)
-    assert model.vcfg.image_tokens == 9 and (out / "tokenizer.json").is_file()
+    assert model.vcfg.image_tokens == 9 + model.vcfg.pool_queries and (out / "tokenizer.json").is_file()  # patches + queries
     assert {c["phase"] for c in json.loads((out / "meta.json").read_text())["curve"]} == {"vit", "align", "instruct"}
     first = (out / "model.safetensors").read_bytes()
 
@@ -85,13 +93,21 @@ def test_stage_trains_measures_and_resumes_to_the_same_bytes(world):
     assert (ctx2.output("vl") / "meta.json").read_bytes() == (out / "meta.json").read_bytes()
 
 
-def test_full_lora_is_merged_and_partial_lora_leaves_text_alone(world):
+def test_lora_scopes_gated_adapters_leave_text_alone_a_full_lora_is_merged(world):
     root, w = world
-    assert "lora_A" not in json.dumps(list(VLModel.from_pretrained(root / "run" / "out" / "vl").state_dict()))
-    cfg = build_config(V.Config, {**SMALL, "lora_scope": "image", "max_steps": 3}, "vl")
-    res = V.run(cfg, inputs(w), make_ctx(root / "image"))
-    assert res.metrics["text_acc/say"] == res.metrics["chat_text_acc/say"]  # text-only input is the chat model
-    assert "lora_A" in json.dumps(list(VLModel.from_pretrained(root / "image" / "out" / "vl").state_dict()))
+    res = json.loads((root / "run" / "out" / "vl" / "meta.json").read_text())["metrics"]  # the default: "conversation"
+    assert res["text_acc/say"] == res["chat_text_acc/say"] and res["text_delta/say"] == 0.0
+    assert "lora_A" in json.dumps(list(VLModel.from_pretrained(root / "run" / "out" / "vl").state_dict()))
+    for scope, text_loss in (("image", "kl"), ("all", "kl"), ("all", "ce")):
+        cfg = build_config(V.Config, {**SMALL, "lora_scope": scope, "text_loss": text_loss, "max_steps": 3}, "vl")
+        out = root / f"{scope}-{text_loss}"
+        res = V.run(cfg, inputs(w), make_ctx(out))
+        state = json.dumps(list(VLModel.from_pretrained(out / "out" / "vl").state_dict()))
+        if scope == "image":
+            assert res.metrics["text_acc/say"] == res.metrics["chat_text_acc/say"]  # text-only input is the chat model
+            assert "lora_A" in state
+        else:
+            assert "lora_A" not in state  # merged into the decoder's weights
 
 
 def test_bad_inputs_are_one_line(world, tmp_path):
