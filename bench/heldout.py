@@ -1,15 +1,19 @@
 """The chat line's task accuracy on large fresh held-out sets: SFT against DPO and GRPO, with error bars.
 
-    python -m bench.heldout [--home DIR] [--per-task N]
+    python -m bench.heldout [--home DIR] [--per-task N] [--seed S]
 
 The stages score ~100 held-out prompts per task, so one task's accuracy moves by several points
 from run to run, and "DPO stays within 2 points of SFT" cannot be judged from them alone. This
 bench draws N new problems per generated task (arith, count, string, wordprob) from the same
-generators and settings the home's instruct stage used (its config.json), drops every question the
-instruct stage already wrote (chat and prompts, train or val), and decodes them greedily with the home's sft, dpo and
+generators and settings the home's instruct stage used (its config.json), with a generator seeded by
+`--seed` (another seed, other problems), drops every question the instruct stage already wrote (chat
+and prompts, any split) and every problem whose equivalence key (stages/instruct.py, Splits: the
+same sum with commuted operands, the same word problem with other names, the same word) is in one
+of its train sets (chat, prefs, prompts), and decodes them greedily with the home's sft, dpo and
 grpo models (whichever are built) exactly as the stages evaluate. count and string use the words of
 the instruct stage's own string questions. Prints a table and, last, one JSON object:
-{task: {model: accuracy, ..., "n": N, "ci95": half-width of a 95% interval for one accuracy}}.
+{task: {model: accuracy, ..., "n": N, "ci95": half-width of a 95% interval for one accuracy},
+"excluded": {task: problems drawn and dropped as already written or trained on}}.
 """
 from __future__ import annotations
 
@@ -36,19 +40,34 @@ def latest(home: Path, stage: str, output: str) -> Path | None:
     return found[-1] if found else None
 
 
-def fresh_items(cfg: instruct.Config, seen: set[str], words: list[str], n: int) -> dict[str, list[instruct.Item]]:
-    """n new items per generated task, none of whose questions the instruct stage wrote."""
-    out = {}
+def fresh_items(cfg: instruct.Config, seen: set[str], train_keys: set[str], words: list[str], n: int, seed: int = 0
+                ) -> tuple[dict[str, list[instruct.Item]], dict[str, int]]:
+    """At most n new items per generated task, none of whose questions the instruct stage wrote and
+    none of whose problems (keys) it trained on; and per task how many drawn items were dropped."""
+    out, dropped = {}, {}
     for task, make in instruct.task_makers(cfg, words).items():
-        items = instruct.unique_items(make, 4 * n, random.Random(f"bench.heldout:{task}"))
-        out[task] = [it for it in items if it.question not in seen][:n]
-    return out
+        # most of the instruct stage's words are trained on: string problems (key: the word) need many draws
+        items = instruct.unique_items(make, 16 * n, random.Random(f"bench.heldout:{seed}:{task}"))
+        kept = [it for it in items if it.question not in seen and it.key not in train_keys]
+        out[task], dropped[task] = kept[:n], len(items) - len(kept)
+    return out, dropped
+
+
+def train_keys(inst: Path) -> set[str]:
+    """The equivalence keys of every train row of the instruct artifact's chat, prefs and prompts."""
+    keys = {r.get("key") for kind in instruct.KINDS for r in iter_rows(inst.parent / kind, columns=["split", "key"])
+            if r["split"] == "train"}
+    if None in keys:
+        raise SystemExit(f"bench.heldout: {inst.parent} has train rows without an equivalence key (built before keys "
+                         f"existed); rebuild the instruct stage")
+    return keys
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", default=".family", help="the family home (default ./.family)")
     ap.add_argument("--per-task", type=int, default=800, help="new problems per task (default 800)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the draw of new problems (default 0)")
     args = ap.parse_args()
     home = Path(args.home)
     inst = latest(home, "instruct", "chat")
@@ -61,7 +80,7 @@ def main() -> None:
                     for q in questions if q.startswith(("Reverse the letters", "Write \"", "What is the first", "What is the last"))
                     for m in re.findall(r'"([^"]+)"', q)[:1]})
     written = set(questions) | {r["prompt"][0]["content"] for r in iter_rows(inst.parent / "prompts")}  # + RL problems
-    items = fresh_items(cfg, written, words or list(instruct.FALLBACK_WORDS), args.per_task)
+    items, dropped = fresh_items(cfg, written, train_keys(inst), words or list(instruct.FALLBACK_WORDS), args.per_task, args.seed)
 
     result: dict[str, dict[str, float]] = {}
     for model_name in MODELS:
@@ -81,7 +100,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(names) + "---|")
     for task, row in result.items():
         print(f"| {task} | {row['n']} | " + " | ".join(f"{row[m]:.3f}" for m in names) + f" | ±{row['ci95']:.3f} |")
-    print(json.dumps({t: {k: round(v, 4) for k, v in r.items()} for t, r in result.items()}))
+    print(json.dumps({**{t: {k: round(v, 4) for k, v in r.items()} for t, r in result.items()}, "excluded": dropped}))
 
 
 if __name__ == "__main__":

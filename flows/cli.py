@@ -12,7 +12,8 @@ Examples:
   family show filter                           one stage's artifact: files, config, metrics
   family sql "select reason, count(*) from excluded group by 1"
   family generate --model base "The json module"   sample from the base model
-  family chat                                  talk to the newest chat model (grpo, else dpo, else sft)
+  family chat                                  talk to the chat champion (else the newest of grpo, dpo, sft)
+  family report                                the family report's path and its summary (test split, gates)
   family chat --image scene.png --prompt "What colour is the shape?"   ask the vision-language member
   family search "json dumps" --mode hybrid     search the corpus (bm25, dense, hybrid, reranked)
   family rag "How do I parse a URL query string?"   answer from the corpus, with cited passages
@@ -127,6 +128,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(render(report["funnel"]["steps"], report["funnel"]["drops"]), file=sys.stderr)
     built = [s for s, r in report["stages"].items() if r["status"] == "built"]
     print(f"done in {time.perf_counter() - t0:.1f} s: {len(built)} built, {len(report['stages']) - len(built)} reused; home {home.root}", file=sys.stderr)
+    if report.get("report"):
+        champions = [r["member"] for r in report.get("champions", []) if r["champion"].startswith("models:/")]
+        print(f"family report: {report['report']} (`family report`); champion: {', '.join(champions) or 'none'}", file=sys.stderr)
     print("next: `family status`, `family ui`, `family sql \"select * from docs_clean limit 5\"`", file=sys.stderr)
     return 0
 
@@ -148,7 +152,21 @@ def status_doc(args: argparse.Namespace) -> dict[str, Any]:
                 "warnings": list(pub.result.get("warnings", [])) if pub else [],
             }
         )
-    return {"recipe": recipe.name, "home": str(home.root), "stages": stages}
+    doc = {"recipe": recipe.name, "home": str(home.root), "stages": stages}
+    evaluation = published_evaluation(recipe, plans)
+    if evaluation is not None:  # the evaluate stage's figures are the headline: test split, interval, baseline
+        path, evaluation = evaluation
+        doc |= {"evaluation": str(path), "headline": evaluation["headline"], "gates": evaluation["gates"]}
+    return doc
+
+
+def published_evaluation(recipe, plans) -> tuple[Path, dict[str, Any]] | None:
+    """(path, content) of evaluation.json of the recipe's evaluate stage (the producer of `report`)
+    when it is published."""
+    stage = recipe.producers.get("report")
+    pub = next((p.published for p in plans if p.stage == stage), None)
+    path = pub.dir / "report" / "evaluation.json" if pub is not None else None
+    return (path, json.loads(path.read_text())) if path is not None and path.exists() else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -166,10 +184,44 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in doc["stages"]:
         m = s["metrics"]
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(m.items())[:5] if isinstance(v, (int, float)) and k != "stage_seconds")
+        if s["path"] and Path(s["path"], "report", "evaluation.json") == Path(doc.get("evaluation", "")):
+            gates = doc.get("gates", [])  # the evaluate stage: its gates, then the test headline
+            shown = f"gates {sum(g['passed'] for g in gates)}/{len(gates)} pass; " + ", ".join(
+                f"{h['member']} {h['figure']} {h['value']:.3f}" for h in doc["headline"][:4])
         tail = shown if s["state"] == "published" else s["why"]
         print(f"  {s['state']:<9}  {s['stage']:<{width}}  {s['fingerprint'] or 'pending':<16}  {tail}")
         for w in s["warnings"]:
             print(f"  {'':<9}  {'':<{width}}  WARNING {w}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the path of the family report (report.html) and its text summary: every member on the
+    test split with its interval and baseline, the paired deltas, the gates."""
+    from stages.contract import ConfigError
+    from storage.artifacts import ArtifactStore
+
+    home = Home.resolve(args.home)
+    try:
+        recipe, _, plans = _plan(args, home)
+    except ConfigError as e:
+        return _err(str(e))
+    stage = recipe.producers.get("report")
+    if stage is None:
+        return _err(f"recipe {recipe.name} has no evaluate stage (add `evaluate: {{}}` to its stages)")
+    plan = next(p for p in plans if p.stage == stage)
+    pub = plan.published
+    if pub is None:
+        history = ArtifactStore(home).history(stage)
+        if not history:
+            return _err(f"no family report in {home.root} yet; `family run` ends with {stage}, which writes it", 1)
+        pub = history[0]
+        print(f"note: this report is from an earlier build ({pub.fingerprint}); {stage} would rebuild: {plan.why}", file=sys.stderr)
+    report = pub.dir / "report"
+    print(report / "report.html")
+    summary = report / "summary.txt"
+    if summary.exists():
+        print(summary.read_text(), end="")
     return 0
 
 
@@ -531,11 +583,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat_champion(home: Home) -> Path | None:
+    """The model directory of the chat champion, `models:/<recipe>-chat@champion`: the chat member
+    (what the recipe registers grpo, dpo or sft as) of the recipe last run in this home, else the
+    newest `*-chat` model with that alias; None when no gate promoted one (or nothing is tracked)."""
+    if not home.mlflow_db.exists():
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from flows.recipe import RecipeError, read_raw
+
+    wanted = None
+    try:
+        raw = read_raw(Path(json.loads((home.state / LAST_RUN).read_text())["recipe"]))
+        register = raw.get("register") or {}
+        member = next((register[o] for o in CHAT_MODELS if o in register), None)
+        wanted = f"{raw.get('name') or 'tiny'}-{member}" if member else None
+    except (RecipeError, OSError, ValueError, KeyError):
+        pass
+    try:
+        models = [m for m in MlflowClient(home.mlflow_uri, registry_uri=home.mlflow_uri).search_registered_models()
+                  if "champion" in (m.aliases or {})]
+    except MlflowException:
+        return None
+    pick = next((m for m in models if m.name == wanted), None) or max(
+        (m for m in models if m.name.endswith("-chat")), key=lambda m: m.last_updated_timestamp or 0, default=None)
+    try:
+        return registered_model(home, f"models:/{pick.name}@champion") if pick else None
+    except FileNotFoundError:
+        return None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from flows.chat import chat_main
 
+    home = Home.resolve(args.home)
     try:
-        model_dir = resolve_model(Home.resolve(args.home), "vl" if args.image and args.model == "chat" else args.model)
+        model_dir = chat_champion(home) if args.model == "chat" and not args.image else None
+        model_dir = model_dir or resolve_model(home, "vl" if args.image and args.model == "chat" else args.model)
     except FileNotFoundError as e:
         return _err(str(e))
     if args.image:
@@ -592,6 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object: {recipe, home, stages: [...]}")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("report", help="the family report: its path (report.html) and a text summary",
+                       description=cmd_report.__doc__)
+    _add_common(p, recipe_default=None)
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("show", help="one stage's published artifact")
     p.add_argument("stage")
     p.add_argument("--fingerprint", help="an older artifact of the stage (default: newest)")
@@ -632,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model of the family (interactive, or one-shot with --prompt)", epilog='example: family chat --prompt "What is 12 + 30?"')
-    p.add_argument("--model", default="chat", help="chat (newest of grpo, dpo, sft), sft, dpo, grpo, small (distilled), chat-int8, chat-int4, small-int4 (quantized), a registry URI (models:/tiny-chat/latest), or a model directory")
+    p.add_argument("--model", default="chat", help="chat (the chat champion: models:/<recipe>-chat@champion, the newest chat model that passed its gates; else the newest of grpo, dpo, sft), sft, dpo, grpo, small (distilled), chat-int8, chat-int4, small-int4 (quantized), a registry URI (models:/tiny-chat/latest), or a model directory")
     p.add_argument("--prompt", help="one-shot: answer this and exit")
     p.add_argument("--system", help="a system message")
     p.add_argument("--home")

@@ -5,6 +5,8 @@ run, then for each stage in order either reuse its published artifact or run it 
 holds the stage's lease, opens an MLflow child run, feeds a Prefect progress artifact, runs the
 stage (in process, or under torchrun in its own process group), publishes atomically, and leaves a
 keyed markdown artifact and a link to its MLflow run. A failed stage blocks only what depends on it.
+After the last stage, the evaluate stage's gates put the MLflow alias `champion` on the registered
+version of every member that passed them (stages never talk to the registry).
 Retries happen only for network I/O (stages that declare NETWORK); training stages resume from
 their checkpoints instead.
 """
@@ -339,6 +341,40 @@ def _data_funnel(outputs: dict[str, dict[str, Any]], flow_key: str, lineage: Lin
         MlflowTracker(lineage.uri, parent).log_metrics(metrics)
 
 
+def _promote(rcp: Recipe, report_art: dict[str, Any], fingerprints: dict[str, str], lineage: Lineage | None,
+             parent: str | None, flow_key: str, report: dict[str, Any]) -> None:
+    """The evaluate stage's gates -> the MLflow alias `champion` on the registered version of every
+    member that passed all of its gates (the version registered from the stage artifact it judged,
+    by fingerprint; a member that fails keeps its previous champion, if any), the report logged to
+    the parent run, and a keyed markdown artifact with both."""
+    report_dir = Path(report_art["path"])
+    report["report"] = str(report_dir / "report.html")
+    rows = []
+    for out, passed in report_art.get("meta", {}).get("promote", {}).items():
+        member, stage = rcp.register.get(out), rcp.producers.get(out)
+        row = {"member": out, "gates": "pass" if passed else "fail", "champion": ""}
+        if member is None:
+            row["champion"] = "not registered (recipe register:)"
+        elif not passed:
+            row["champion"] = "unchanged"
+        elif lineage is None:
+            row["champion"] = "not set (--no-track)"
+        else:
+            name, fp = f"{rcp.name}-{member}", fingerprints.get(stage, "")
+            version = lineage.set_alias(name, "champion", fp) if fp else None
+            row["champion"] = f"models:/{name}@champion -> version {version}" if version else "no registered version of this build"
+        rows.append(row)
+    report["champions"] = rows
+    summary = (report_dir / "summary.txt").read_text() if (report_dir / "summary.txt").exists() else ""
+    md = [f"# family report: {rcp.name}", "", f"`{report_dir / 'report.html'}`", "", "```", summary.rstrip(), "```", ""]
+    if rows:
+        md += ["| member | gates | champion |", "|---|---|---|"] + [f"| {r['member']} | {r['gates']} | {r['champion']} |" for r in rows]
+    create_markdown_artifact("\n".join(md), key=artifact_key(flow_key, "report"), description="the family report and its gates")
+    if lineage is not None and parent and (report_dir / "report.html").exists():
+        MlflowTracker(lineage.uri, parent).log_artifact(report_dir / "report.html")
+        lineage.client.set_tag(parent, "champions", ", ".join(r["member"] for r in rows if r["champion"].startswith("models:/")))
+
+
 class StagesFailed(StageError):
     """Stages of a run failed; each was reported on its own line as it failed."""
 
@@ -483,6 +519,12 @@ def family_flow(
         runner.__exit__(None, None, None)
     report["seconds"] = time.perf_counter() - t_flow
     _data_funnel(outputs, flow_key, lineage, parent, report)
+    if "report" in outputs:  # the evaluate stage ran or was reused: its gates decide the champions
+        try:
+            fingerprints = {p.stage: p.fingerprint for p in make_plan(rcp, h, **selection, done=done)}
+            _promote(rcp, outputs["report"], fingerprints, lineage, parent, flow_key, report)
+        except Exception as e:  # the report is published; a registry hiccup must not fail the run
+            _echo(f"  ! evaluate   WARNING could not set the champion aliases: {type(e).__name__}: {e}")
     if lineage is not None:
         lineage.client.log_metric(parent, "flow_seconds", report["seconds"])
         lineage.client.log_metric(parent, "stages_built", sum(1 for s in report["stages"].values() if s["status"] == "built"))

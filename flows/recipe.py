@@ -21,6 +21,10 @@ A recipe is `flows/recipes/<name>.yaml` (or any path):
 stages keep their fields unless this file sets them, stages it lacks are appended, and the other
 top-level keys are taken from this file where given (`register`, `modules`, `launch` are merged).
 
+A stage module may declare `OPTIONAL_INPUTS`: inputs it reads when some stage of the recipe produces
+them and does without otherwise (the evaluate stage reads every member the recipe builds and shows
+the others as absent); they are wired like any input, so rebuilding one rebuilds the stage.
+
 `--set stage.field=value` overrides one field (the value is read as YAML). Everything is validated
 before anything runs: an unknown stage or field, a value of the wrong type, or an input that no
 stage of the recipe produces is one line naming which and where.
@@ -274,6 +278,9 @@ def load_recipe(recipe: str | Path, overrides: list[str] | tuple[str, ...] = ())
             if out in producers:
                 raise RecipeError(f"{path}: output {out!r} is produced by both {producers[out]} and {spec.name}")
             producers[out] = spec.name
+    for spec in specs.values():  # inputs a stage reads when the recipe builds them (evaluate: every member)
+        optional = [i for i in getattr(spec.module, "OPTIONAL_INPUTS", ()) if i in producers and i not in spec.inputs]
+        spec.inputs = tuple(spec.inputs) + tuple(optional)
     for spec in specs.values():
         for inp in spec.inputs:
             if inp not in producers:

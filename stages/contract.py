@@ -11,6 +11,9 @@ WARC files, word lists, datasets): their content goes into the stage's fingerpri
 a file rebuilds the stage, `NETWORK = True` (retried on network errors), `GPU = True`, and
 `inputs(cfg)`, the inputs this config uses (a subset of INPUTS) when some are needed only by some
 configs: the DAG then leaves the others out, so rebuilding them does not rebuild this stage.
+`OPTIONAL_INPUTS` (a subset of INPUTS) are wired only when the recipe builds a stage that makes
+them and left out otherwise (stages/evaluate.py reads every member the recipe builds and shows the
+rest as absent): a change of any wired one still changes this stage's fingerprint.
 
 A data stage that maps a pure function over shards of its input calls `ctx.mapper(fn, items)` when
 it is set (the flow's Dask task runner: one Prefect task per item on the cluster's workers), and its

@@ -19,9 +19,13 @@ lower the likelihood of the chosen answer too (both log-probs fall, the rejected
 verifiable tasks costs accuracy. We add rpo_alpha * NLL of the chosen responses (mean over their
 tokens), as TRL's `rpo_alpha` does: L = L_DPO + rpo_alpha * NLL(y_c).
 
-Held-out checks: val_pref_acc, the share of held-out pairs whose implicit reward margin is > 0 (0 for the
-reference itself); and acc/<task>, greedy accuracy on the held-out prompts (stages/chat/evaluate.py),
-next to sft_acc/<task>, the reference's accuracy on the same prompts (the alignment tax).
+Held-out checks (the val split): val_pref_acc, the share of pairs whose implicit reward margin is > 0, a
+tie counting half, so the reference itself (every margin exactly 0) and chance score 0.5; overall, per
+task and per kind of rejected reply ("near_miss", "slip": stages/instruct.py), with 95% intervals.
+val_logp_acc, the share of pairs whose chosen reply the policy finds more likely than the rejected one
+(summed log-probs), next to val_ref_logp_acc, the reference's on the same pairs, and the paired gain. And
+acc/<task>, greedy accuracy on the held-out prompts (stages/chat/evaluate.py), next to sft_acc/<task>,
+the reference's accuracy on the same prompts (the alignment tax).
 
 Deviations: reference log-probs are computed per batch by the frozen model (TRL's default), held-out
 ones once; the schedule is linear warmup then constant (the paper: warmup then constant, lr 1e-6 for
@@ -46,7 +50,10 @@ import torch.nn.functional as F
 from models.gpt import GPT
 from models.hf_export import save_model_dir
 from stages.chat.evaluate import accuracy_table, evaluate_prompts, heldout_key, pick_heldout
-from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, sequence_logps, train_val_pairs
+from stages.chat.preference import (
+    BatchOrder, Pair, accuracy_by_kind, accuracy_by_task, compare, compare_markdown, pair_scores, sequence_logps,
+    train_val_pairs,
+)
 from stages.contract import StageContext, StageResult, main
 from stages.training import (
     Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
@@ -73,6 +80,7 @@ class Config(TrainConfig):
     max_len: int = 0  # tokens per sequence; 0 = the model's max_seq_len; longer pairs are dropped
     eval_every: int = 50
     eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
+    train_kinds: tuple[str, ...] = ()  # kinds of prefs pairs trained on ("near_miss", "slip"); () = all; val measures all
     eval_per_task: int = 100  # held-out prompts per task for acc/<task> (as sft chooses them), at the start and the end
     max_new_tokens: int = 96  # greedy answer length for acc/<task> (a worked word problem takes ~80)
 
@@ -127,41 +135,65 @@ def reference_logps(ref: GPT, pairs: list[Pair], batch_size: int, pad_id: int, d
 
 @torch.no_grad()
 def evaluate_pairs(policy: GPT, pairs: list[Pair], ref_c: torch.Tensor, ref_r: torch.Tensor, cfg: Config, pad_id: int,
-                   device: torch.device, autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Held-out DPO loss, preference accuracy (implicit reward margin > 0; overall and per task:
-    "pref_acc/<task>") and mean margin."""
+                   device: torch.device, autocast: contextlib.AbstractContextManager
+                   ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Held-out DPO loss, preference accuracy (implicit reward margin > 0, a tie counting half; overall,
+    per task "pref_acc/<task>" and per kind "pref_acc/<kind>"), mean margin and the policy's and the
+    reference's likelihood preference ("logp_acc", "ref_logp_acc"); and each pair's scores by name."""
     policy.eval()
     loss, margin = 0.0, 0.0
-    correct: list[bool] = []
+    scores: dict[str, list[float]] = {"pref": [], "logp": [], "ref_logp": pair_scores(ref_c - ref_r)}
     for i in range(0, len(pairs), cfg.batch_size):
         with autocast:
             pc, pr, _ = pair_logps(policy, pairs[i:i + cfg.batch_size], pad_id, device)
         losses, rc, rr = dpo_loss(pc.float(), pr.float(), ref_c[i:i + cfg.batch_size], ref_r[i:i + cfg.batch_size],
                                   cfg.beta, cfg.label_smoothing)
         loss += losses.sum().item()
-        correct += (rc > rr).tolist()
+        scores["pref"] += pair_scores(rc - rr)
+        scores["logp"] += pair_scores(pc.float() - pr.float())
         margin += (rc - rr).sum().item()
     policy.train()
     n = max(1, len(pairs))
-    return {"loss": loss / n, "pref_acc": sum(correct) / n, "margin": margin / n,
-            **accuracy_by_task(pairs, correct, "pref_acc")}
+    ev = {"loss": loss / n, "margin": margin / n}
+    for name, s in scores.items():
+        ev |= {f"{name}_acc": sum(s) / n, **accuracy_by_task(pairs, s, f"{name}_acc"), **accuracy_by_kind(pairs, s, f"{name}_acc")}
+    return ev, scores
 
 
 def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, ev: dict[str, float], acc: dict[str, float],
-              sft_acc: dict[str, float], curve: list[dict[str, Any]]) -> StageResult:
-    """Headline metrics (held-out preference accuracy; task accuracy beside the reference's), the
-    accuracy table and the summary."""
-    per_task = {k: v for k, v in ev.items() if k.startswith("pref_acc/")}
+              sft_acc: dict[str, float], curve: list[dict[str, Any]],
+              versus: dict[str, list[dict[str, Any]]] | None = None) -> StageResult:
+    """Headline metrics (val preference accuracy overall, per task and per kind; the likelihood
+    preference beside the reference's; with `versus`, compare's rows against chance and against the
+    reference, 95% half-widths and paired gains; task accuracy beside the reference's), the tables
+    and the summary."""
+    groups = {k: v for k, v in ev.items() if k.startswith(("pref_acc/", "logp_acc", "ref_logp_acc"))}
     metrics = {"val_pref_acc": ev["pref_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
-               **{f"val_{k}": v for k, v in per_task.items()}, **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
+               **{f"val_{k}": v for k, v in groups.items()},
+               **acc, **{f"sft_{k}": v for k, v in sft_acc.items()}}
+    for name, rows in (versus or {}).items():
+        for row in rows:
+            if "/" not in row["pairs"]:  # all, and each kind
+                at = "" if row["pairs"] == "all" else f"/{row['pairs']}"
+                metrics[f"val_{'pref' if name == 'chance' else 'logp'}_acc_ci95{at}"] = row["ci95"]
+                if name == "reference":
+                    metrics |= {f"val_logp_gain{at}": row["gain_over_reference"],
+                                f"val_logp_gain_ci95{at}": row["gain_over_reference_ci95"]}
     table, md = accuracy_table({"sft_acc": sft_acc, "dpo_acc": acc})
     summary = (
-        f"DPO: {step} of {cfg.max_steps} steps ({stop}), beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}; held-out preference "
-        f"accuracy {ev['pref_acc']:.3f} on {derived['val_pairs']} pairs (mean implicit-reward margin {ev['margin']:.3f})"
-        + "".join(f"; {k.removeprefix('pref_acc/')} {v:.3f}" for k, v in per_task.items()) + ".\n\n" + md
+        f"DPO: {step} of {cfg.max_steps} steps ({stop}), beta {cfg.beta}, rpo_alpha {cfg.rpo_alpha}; val preference "
+        f"accuracy {ev['pref_acc']:.3f} on {derived['val_pairs']} pairs (a tie counts half: the reference scores 0.5; "
+        f"mean implicit-reward margin {ev['margin']:.3f})"
+        + "".join(f"; {k.removeprefix('pref_acc/')} {v:.3f}" for k, v in groups.items() if k.startswith("pref_acc/"))
+        + ".\n\n" + md
+        + ("".join(f"\n\n{title}:\n\n" + compare_markdown(versus[name], label, {name: base})
+                   for name, title, label, base in (
+                       ("chance", "Implicit-reward preference accuracy", "dpo", "chance (the reference)"),
+                       ("reference", "Likelihood preference (log p chosen > log p rejected)", "dpo", "reference (sft)"))
+                   if name in versus) + "\n" if versus else "")
     )
     return StageResult(outputs={"dpo": {"val_pref_acc": ev["pref_acc"], "steps": step}}, metrics=metrics, summary=summary,
-                       tables={"eval_curve": curve, "heldout_accuracy": table},
+                       tables={"eval_curve": curve, "heldout_accuracy": table, **{f"versus_{k}": v for k, v in (versus or {}).items()}},
                        warnings=budget_warnings("dpo", stop, step, cfg.max_steps, cfg.max_minutes))
 
 
@@ -174,7 +206,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     max_len = cfg.max_len or policy.cfg.max_seq_len
 
     # data
-    train, val, dropped = train_val_pairs(inputs["prefs"].path, tok, max_len, cfg.batch_size, cfg.eval_pairs, "dpo")
+    train, val, dropped = train_val_pairs(inputs["prefs"].path, tok, max_len, cfg.batch_size, cfg.eval_pairs, "dpo",
+                                          cfg.train_kinds)
     prompts = pick_heldout(iter_rows(inputs["prompts"].path), cfg.eval_per_task)
     order = BatchOrder(len(train), cfg.batch_size, ctx.seed)
     val_ref_c, val_ref_r = reference_logps(ref, val, cfg.batch_size, tok.pad_id, device, autocast)
@@ -200,7 +233,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         last = step >= cfg.max_steps or clock.over(cfg.max_minutes)
         if step % cfg.eval_every == 0 or last:
             with clock.paused():
-                ev = evaluate_pairs(policy, val, val_ref_c, val_ref_r, cfg, tok.pad_id, device, autocast)
+                ev, scores = evaluate_pairs(policy, val, val_ref_c, val_ref_r, cfg, tok.pad_id, device, autocast)
                 ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
                 curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
         if last:
@@ -223,7 +256,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         run_pairs += len(batch)
         stats = {"loss": loss.item(), "dpo_loss": losses.mean().item(), "nll": nll.item(),
                  "rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
-                 "rewards/margins": (rc - rr).mean().item(), "rewards/accuracies": (rc > rr).float().mean().item(),
+                 "rewards/margins": (rc - rr).mean().item(), "rewards/accuracies": sum(pair_scores(rc - rr)) / len(batch),
                  "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item()}
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -240,7 +273,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     checkpoint(ctx, step, policy, optimizer, cfg, clock, final=True, order=order, curve=curve)
     acc = evaluate_prompts(policy, tok, prompts, cfg.max_new_tokens) if prompts else {}
     stop = stopped_by(step, cfg.max_steps)
-    result = summarize(cfg, derived, step, stop, ev, acc, sft_acc, curve)
+    versus = {"chance": compare(val, scores["pref"], {"chance": [0.5] * len(val)}),
+              "reference": compare(val, scores["logp"], {"reference": scores["ref_logp"]})}
+    result = summarize(cfg, derived, step, stop, ev, acc, sft_acc, curve, versus)
     result.metrics["samples_per_s"] = clock.rate(2 * run_pairs)  # training time only
     out = save_model_dir(policy, sft_dir, ctx.output("dpo"))
     write_run_meta(out, "dpo", step, cfg.max_steps, stop, result.metrics, derived, cfg, curve,

@@ -1,22 +1,23 @@
 """Instruct data: the chat, preference and reward-prompt sets that SFT, DPO, reward modelling and GRPO train on.
 
 What: from `docs_clean` and a seeded generator, writes three Parquet datasets, each with a
-`split` column ("train" or "val"):
-- `chat` (id, messages, task, source, split): conversations whose assistant turns SFT learns;
-- `prefs` (id, prompt, chosen, rejected, task, source, split): chosen is correct, rejected is a plausible
-  wrong reply (a number off by a little, another item's answer, a truncated answer);
-- `prompts` (id, prompt, answer, verifier, task, source, split): prompts with a reference answer and
+`split` column ("train", "val" or "test") and an equivalence `key` (see Splits):
+- `chat` (id, messages, task, source, split, key): conversations whose assistant turns SFT learns;
+- `prefs` (id, prompt, chosen, rejected, task, source, split, key, kind): chosen is correct, rejected a
+  plausible wrong reply of one of two kinds: "near_miss" (the right work with a result a little off,
+  another item's answer, a truncated answer) and, for worked items, "slip" (see Hard pairs);
+- `prompts` (id, prompt, answer, verifier, task, source, split, key): prompts with a reference answer and
   the name of the check in stages/chat/verifiers.py that grades a completion (GRPO, evaluation).
 
 RL prompts: with `rl_per_task` > 0, each generated task (arith, count, string, wordprob) also draws
 that many further problems that go to `prompts` only, and the train prompts of that task are just
 these (docqa and user prompts keep theirs). GRPO then practises on problems SFT never saw, as a lab
 keeps its RL prompt set apart from its SFT data: on problems SFT trained on for several epochs, more
-groups get the same reward for every sample, and such a group teaches nothing. RL problems whose hash
-falls in the held-out share become val prompts, which enlarges the held-out sets every chat stage is
-scored on.
+groups get the same reward for every sample, and such a group teaches nothing. RL problems whose key
+falls in a held-out share become val or test prompts, which enlarges the held-out sets.
 
-Tasks (each item gives one chat row, one prefs row, and a prompts row when its answer is exact):
+Tasks (each item gives one chat row, one near-miss prefs row and its slip rows, and a prompts row when
+its answer is exact):
 - docqa: closed-book questions about the modules, functions and classes the corpus documents,
   answered from that documentation (stages/chat/docqa.py): "What does json.dumps do?" -> the first
   sentence of its docstring; "Which module provides dumps?" -> "json" (exact).
@@ -45,11 +46,34 @@ a verifiable task is what its verifier checks. Words come from the corpus's own 
 User datasets (`chat_files`, `prefs_files`, `prompts_files`, each "path" or "path::format") are read
 by stages/chat/importers.py (TRL, alpaca, sharegpt, GSM8K, HH-RLHF) and appended.
 
-Splits: an item is held out when a hash of its canonical key, the normalised text of its prompt
-turns, falls below `heldout_frac`. So chat, prefs and prompts rows of one item land in the same split,
-and no prompt is in both splits. A user record that names its own split keeps it, unless the same
-prompt is also in train: then it moves to train (counted as `moved_to_train`). The hash does not
-depend on `seed`, so changing the seed or the counts never moves a held-out prompt into train.
+Hard pairs: a near miss differs from the chosen reply only in its last number, which the worked steps
+above it give away, so any reward model or DPO policy ranks it right and the pair measures little.
+With `slip_pairs` > 0 every worked arith, letter-count and wordprob item also gives that many prefs rows
+whose rejected reply slips once inside the work and then carries on consistently: a carry or borrow
+left out (the commonest bugs of school column arithmetic: Brown & Burton 1978, "Diagnostic models for
+procedural bugs in basic mathematical skills"), a column's digit one off, a partial product off in one
+digit, a letter of the tally missed or miscounted; every later step and the result follow from the slip.
+Telling these apart needs checking the steps, not copying the last one.
+
+Splits: train, val (what settings are tuned on) and test (reported only: no stage trains on it or
+chooses a setting by it). Every item has an equivalence key naming its problem whatever the wording:
+"expr:47+58" for 47 + 58 and 58 + 47 (the operands of + and * in order) and for a word problem over the
+same numbers and operations with other names or objects, "count:banana:a" (word and letter),
+"string:banana" (every string question about that word), "docqa:json:dumps" (every question about one
+documented entry); a user record's key is a hash of its prompt text. A hash of the key puts the
+problem in val below `val_frac`, in test at or above 1 - `test_frac`, else in train; rows joined by a
+key or by the same prompt text then share one split, the first of train, val, test among theirs. So
+the chat, prefs and prompts rows of a problem land together and no problem is in two splits. A user
+record that names its own split keeps it unless its problem is also in an earlier split (counted as
+`moved_to_train`, `moved_to_val`). The hash does not depend on `seed`, so changing the seed or the
+counts never moves a held-out problem into train.
+
+Decontamination (the table `decontam`, metrics `decontam/...`): every held-out example (prompt and
+reference reply) of each split and task against every train set (SFT chat, prefs, RL prompts and the
+pretraining corpus): exact prompt matches and equivalence keys shared with train, which the splits
+make 0, and 13-gram overlap (GPT-3's check: Brown et al. 2020, appendix C; an example shorter than 13
+words overlaps when it is inside a train text). Templated replies share phrasing, and docqa overlaps
+the corpus by design: closed-book docqa asks the model to recall its pretraining documents.
 
 Deviations: the tasks are templated rather than written or distilled by a larger model (none is at
 hand); docqa answers are the documentation's own first sentences, not paraphrases.
@@ -60,6 +84,7 @@ Run:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import re
@@ -67,7 +92,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from stages.chat.docqa import Entry, parse_pydoc, questions
 from stages.chat.importers import DataImportError, Example, import_file, parse_spec, to_row
@@ -106,7 +131,9 @@ class Config:
     letters_apart: bool = True  # count and string questions write the word's letters apart: "p y t h o n"
     max_docqa: int = 4000  # docqa items at most (0: none); a seeded sample when the corpus gives more
     rl_per_task: int = 1000  # further problems per generated task, written to `prompts` only (GRPO's train set)
-    heldout_frac: float = 0.1  # share of prompts held out as "val"
+    slip_pairs: int = 1  # per worked arith, letter-count and wordprob item: prefs rows whose rejected reply slips in the work
+    val_frac: float = 0.1  # share of problems (equivalence keys) held out as "val", what settings are tuned on
+    test_frac: float = 0.1  # share held out as "test": reported only, never trained on or tuned by
     seed: int = 0
     # user datasets, "path" or "path::format" (formats: stages/chat/importers.py)
     chat_files: tuple[str, ...] = ()
@@ -116,13 +143,13 @@ class Config:
     max_skips: int = 100  # per file, with on_error="skip"
 
     def validate(self) -> None:
-        for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "rl_per_task", "max_skips"):
+        for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "rl_per_task", "slip_pairs", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.arith_max < 10 or not self.arith_ops or set(self.arith_ops) - set("+-*"):
             raise ValueError(f"arith_max must be >= 10 and arith_ops a non-empty subset of '+-*', got {self.arith_max}, {self.arith_ops!r}")
-        if not 0.0 <= self.heldout_frac < 1.0:
-            raise ValueError(f"heldout_frac must be in [0, 1), got {self.heldout_frac}")
+        if min(self.val_frac, self.test_frac) < 0.0 or self.val_frac + self.test_frac >= 1.0:
+            raise ValueError(f"val_frac and test_frac must be >= 0 with a sum below 1, got {self.val_frac}, {self.test_frac}")
 
 
 @dataclass(frozen=True)
@@ -135,9 +162,13 @@ class Item:
     rejected: str  # a plausible wrong reply (prefs rejected)
     answer: str = ""  # the reference a verifier checks; "" when the reply is free text
     verifier: str = ""
+    key: str = ""  # the problem, whatever its wording (see Splits): "expr:47+58" for 47 + 58 and 58 + 47
+    slips: tuple[str, ...] = ()  # wrong replies with a slip inside the work that every later step follows
 
 
 # -- splits ---------------------------------------------------------------------------------------------
+
+SPLITS = ("train", "val", "test")  # in precedence order: a problem in train and in val is train's
 
 
 def prompt_key(prompt: list[dict[str, str]]) -> str:
@@ -145,9 +176,16 @@ def prompt_key(prompt: list[dict[str, str]]) -> str:
     return "\n".join(f"{m['role']}: {' '.join(m['content'].split()).casefold()}" for m in prompt)
 
 
-def heldout(key: str, frac: float) -> bool:
-    """Whether the item with this key is held out: a hash of the key, as a number in [0, 1), < frac."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 2**64 < frac
+def text_key(prompt: list[dict[str, str]]) -> str:
+    """The equivalence key of a prompt that no generator wrote (a user's): a hash of its normalised text."""
+    return "text:" + hashlib.sha256(prompt_key(prompt).encode()).hexdigest()[:16]
+
+
+def split_of(key: str, val_frac: float, test_frac: float) -> str:
+    """A problem's split from a hash of its key, u in [0, 1): val below val_frac, test at or above
+    1 - test_frac. At opposite ends, so changing one fraction never moves the other's problems."""
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 2**64
+    return "val" if u < val_frac else "test" if u >= 1.0 - test_frac else "train"
 
 
 def row_prompt(row: dict[str, Any], kind: str) -> list[dict[str, str]]:
@@ -158,23 +196,31 @@ def row_prompt(row: dict[str, Any], kind: str) -> list[dict[str, str]]:
     return row["messages"][:last]
 
 
-def assign_splits(rows: dict[str, list[dict[str, Any]]], frac: float) -> int:
-    """Fill every empty `split` by the hash rule, then move to train any val row whose prompt is also
-    in train (in any of the three sets). Returns how many rows moved."""
-    train_keys = set()
-    for kind, kind_rows in rows.items():
-        for row in kind_rows:
-            key = prompt_key(row_prompt(row, kind))
-            if row["split"] is None:
-                row["split"] = "val" if heldout(key, frac) else "train"
-            if row["split"] == "train":
-                train_keys.add(key)
-    moved = 0
-    for kind, kind_rows in rows.items():
-        for row in kind_rows:
-            if row["split"] == "val" and prompt_key(row_prompt(row, kind)) in train_keys:
-                row["split"] = "train"
-                moved += 1
+def assign_splits(rows: dict[str, list[dict[str, Any]]], val_frac: float, test_frac: float) -> Counter:
+    """Give each row its own split (a user record's) or its key's (split_of), then give every group of
+    rows joined by a key or by the same prompt text (in any of the three sets) the first of SPLITS
+    among theirs. Returns how many rows moved, by the split they moved to."""
+    parent: dict[str, str] = {}
+
+    def root(k: str) -> str:  # union-find over keys and prompt texts
+        parent.setdefault(k, k)
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    flat = [(row, kind) for kind, kind_rows in rows.items() for row in kind_rows]
+    for row, kind in flat:
+        parent[root(row["key"])] = root(text_key(row_prompt(row, kind)))
+    own = [row["split"] or split_of(row["key"], val_frac, test_frac) for row, _ in flat]
+    first: dict[str, str] = {}
+    for (row, _), split in zip(flat, own):
+        r = root(row["key"])
+        first[r] = min(first.get(r, split), split, key=SPLITS.index)
+    moved: Counter = Counter()
+    for (row, _), split in zip(flat, own):
+        row["split"] = first[root(row["key"])]
+        moved[row["split"]] += row["split"] != split
     return moved
 
 
@@ -196,7 +242,8 @@ def unique_items(make: Callable[[random.Random], Item | None], n: int, rng: rand
         if len(items) >= n:
             break
         item = make(rng)
-        if item is not None and item.question not in items and not verify(item.verifier, item.rejected, item.answer):
+        if item is not None and item.question not in items and not any(
+                verify(item.verifier, wrong, item.answer) for wrong in (item.rejected, *item.slips)):
             items[item.question] = item
     return list(items.values())
 
@@ -209,38 +256,67 @@ def digits(n: int, width: int) -> list[int]:
     return [int(c) for c in reversed(str(n).zfill(width))]
 
 
-def column_work(a: int, b: int, op: str) -> tuple[str, int]:
+def column_work(a: int, b: int, op: str, slip: tuple[int, str] | None = None) -> tuple[str, int]:
     """Column addition or subtraction (a >= b) from the ones up, the way it is taught at school, and its
     result. The last line restates the sum, so its last number is the answer.
 
     47 + 58 -> "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
     85 - 47 -> "15 - 7 = 8, borrow 1. 8 - 1 - 4 = 3. 85 - 47 = 38"
+
+    With `slip` = (column from the ones, how), one slip there that every later step follows: "drop"
+    leaves the carry or borrow out (neither written nor taken on), "up" / "down" writes the column's
+    result one more / less. 47 + 58 with (0, "drop") -> "7 + 8 = 15. 4 + 5 = 9. 47 + 58 = 95".
     """
     width = len(str(max(a, b)))
     steps, out, carry = [], [], 0
-    for x, y in zip(digits(a, width), digits(b, width)):
+    for i, (x, y) in enumerate(zip(digits(a, width), digits(b, width))):
+        how = slip[1] if slip is not None and slip[0] == i else ""
+        nudge = {"up": 1, "down": -1}.get(how, 0)
         if op == "+":
-            s = x + y + carry
-            steps.append(f"{x} + {y}{f' + {carry}' if carry else ''} = {s}{', carry 1' if s >= 10 else ''}")
+            s = x + y + carry + nudge
+            carry_out = s // 10 if how != "drop" else 0
+            steps.append(f"{x} + {y}{f' + {carry}' if carry else ''} = {s}{', carry 1' if carry_out else ''}")
             out.append(s % 10)
-            carry = s // 10
         else:
             borrow = int(x - carry < y)
             top = x + 10 * borrow
-            d = top - carry - y
-            steps.append(f"{top}{f' - {carry}' if carry else ''} - {y} = {d}{', borrow 1' if borrow else ''}")
+            d = top - carry - y + nudge
+            carry_out = borrow if how != "drop" else 0
+            steps.append(f"{top}{f' - {carry}' if carry else ''} - {y} = {d}{', borrow 1' if carry_out else ''}")
             out.append(d)
-            carry = borrow
+        carry = carry_out
     if op == "+" and carry:
         out.append(carry)
     result = int("".join(str(d) for d in reversed(out)))
     return ". ".join(steps) + f". {a} {op} {b} = {result}", result
 
 
-def product_work(a: int, b: int) -> tuple[str, int]:
+def column_slips(a: int, b: int, op: str) -> list[tuple[int, str]]:
+    """Every slip column_work can make in a op b: a carry or borrow dropped where one is taken (a carry
+    out of the top column is the result's first digit, not dropped), a column's digit one up or down
+    where it stays a digit (a sum up to 19)."""
+    width = len(str(max(a, b)))
+    slips, carry = [], 0
+    for i, (x, y) in enumerate(zip(digits(a, width), digits(b, width))):
+        if op == "+":
+            value, top = x + y + carry, 19
+            takes = value >= 10 and i < width - 1
+            carry = value // 10
+        else:
+            borrow = int(x - carry < y)
+            value, top, takes = x + 10 * borrow - carry - y, 9, bool(borrow)
+            carry = borrow
+        slips += [(i, how) for how, ok in (("drop", takes), ("up", value < top), ("down", value > 0)) if ok]
+    return slips
+
+
+def product_work(a: int, b: int, slip: tuple[int, int] | None = None) -> tuple[str, int]:
     """a * b by partial products of b's digits: "347 * 58 = 347 * 8 + 347 * 50 = 2776 + 17350 = 20126";
-    a one-digit b is a single line."""
+    a one-digit b is a single line. With `slip` = (part, error), that partial product is written off by
+    `error` and the sum adds what was written."""
     parts = [(int(d) * 10**k, a * int(d) * 10**k) for k, d in enumerate(reversed(str(b))) if d != "0"]
+    if slip is not None:
+        parts[slip[0]] = (parts[slip[0]][0], parts[slip[0]][1] + slip[1])
     result = sum(v for _, v in parts)
     if len(parts) == 1:
         return f"{a} * {b} = {result}", result
@@ -248,14 +324,58 @@ def product_work(a: int, b: int) -> tuple[str, int]:
             + " + ".join(str(v) for _, v in parts) + f" = {result}"), result
 
 
+def product_slips(a: int, b: int) -> list[tuple[int, int]]:
+    """Every slip product_work can make: one digit of one partial product one up or down (not its
+    trailing zeros, which the multiplier's place fixes); none for a one-line product."""
+    parts = [(k, a * int(d) * 10**k) for k, d in enumerate(reversed(str(b))) if d != "0"]
+    if len(parts) < 2:
+        return []
+    slips = []
+    for j, (k, v) in enumerate(parts):
+        for place in range(k, len(str(v))):
+            digit = v // 10**place % 10
+            slips += [(j, sign * 10**place) for sign, ok in ((1, digit < 9), (-1, digit > 0)) if ok
+                      and len(str(v + sign * 10**place)) == len(str(v))]  # one digit changes, not the length
+    return slips
+
+
+def slips_of(a: int, op: str, b: int) -> list[tuple[int, Any]]:
+    """Every slip the worked reply of a op b can make (column_slips, product_slips)."""
+    return product_slips(a, b) if op == "*" else column_slips(a, b, op)
+
+
+def slip_work(a: int, op: str, b: int, slip: tuple[int, Any]) -> tuple[str, int]:
+    """The worked reply of a op b with `slip` (one of slips_of) and its wrong result."""
+    return product_work(a, b, slip) if op == "*" else column_work(a, b, op, slip)
+
+
+def pick_slips(options: list[Any], n: int, rng: random.Random) -> list[Any]:
+    """n distinct slips of `options`; each a dropped carry or borrow half the time when one is left."""
+    left, picked = list(options), []
+    while left and len(picked) < n:
+        drops = [o for o in left if o[-1] == "drop"]
+        picked.append(rng.choice(drops if drops and rng.random() < 0.5 else left))
+        left.remove(picked[-1])
+    return picked
+
+
+def expression(x: int | str, op: str, y: int) -> str:
+    """x op y as an equivalence key's text, the operands of + and * in order: a + b and b + a are one."""
+    if op in "+*":
+        x, y = sorted((str(x), str(y)))
+    return f"{x}{op}{y}"
+
+
 def work(a: int, op: str, b: int, worked: bool, rng: random.Random | None = None) -> tuple[str, int]:
     """The reply for a op b (op in "+-*", a >= b for "-"): worked out when `worked`, else "a op b = r".
 
     With `rng`, a plausible wrong reply instead: the same work with a result a little off at the end
-    (a near miss), so the only tokens that differ from the right reply are the wrong result's. Not a
-    slipped column carried through: every token after such a slip follows correctly from it, and DPO,
-    pushing the whole rejected reply down, would teach the model not to build on its own steps (it
-    cost 39 points of arithmetic accuracy on tiny).
+    (a near miss), so the only tokens that differ from the right reply are the wrong result's. A slip
+    inside the work carried through to the end is the other kind of wrong reply (slip_work): every
+    token after it follows correctly from it, so a trainer that pushes the whole rejected reply down
+    pushes down building on one's own steps too (it once cost DPO 39 points of arithmetic accuracy on
+    tiny; with DPO's NLL term, training on slips beside near misses moved held-out arith and wordprob
+    by -1.7 and -4.8 points against near misses alone, within noise; dpo.train_kinds chooses).
     """
     right = {"+": a + b, "-": a - b, "*": a * b}[op]
     if not worked:
@@ -277,48 +397,58 @@ def letters(word: str, apart: bool) -> str:
     return " ".join(word) if apart else word
 
 
-def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*", worked: bool = True) -> Item:
+def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*", worked: bool = True,
+               slip_pairs: int = 0) -> Item:
     op = rng.choice(ops)
     a, b = rng.randint(10, max_operand), rng.randint(10, max_operand)
     if op == "-" and a < b:
         a, b = b, a  # keep results non-negative: the sign is one more thing for a tiny model to learn
     reply, result = work(a, op, b, worked)
     rejected, _ = work(a, op, b, worked, rng)
-    return Item("arith", f"What is {a} {op} {b}?", reply, rejected, str(result), "numeric")
+    sub = random.Random(rng.getrandbits(64))  # the slips' own draws: slip_pairs leaves the problems as they are
+    slips = [slip_work(a, op, b, s)[0] for s in pick_slips(slips_of(a, op, b), slip_pairs, sub)] if worked else []
+    return Item("arith", f"What is {a} {op} {b}?", reply, rejected, str(result), "numeric",
+                "expr:" + expression(a, op, b), tuple(slips))
 
 
-def count_work(word: str, letter: str) -> str:
+def count_work(word: str, letter: str, slip: int | None = None) -> str:
     """A letter count written out as a running tally: each letter of the word next to the letter
     asked about, then the number of matches so far ("n u 0, u u 1, l u 1, l u 1" for "u" in "null").
     Writing the two letters side by side makes each step a comparison of neighbouring tokens; with
     the sought letter only in the question ("n 0, u 1, ...") a 1.3M-parameter model copied the letters
-    but never counted (every tally 0)."""
+    but never counted (every tally 0). With `slip`, the letter at that index is miscounted (a match
+    missed, or another letter counted) and the tally goes on from there: "n u 0, u u 0, l u 0, l u 0"."""
     tally, steps = 0, []
-    for c in word:
-        tally += c == letter
+    for i, c in enumerate(word):
+        tally += (c == letter) != (i == slip)
         steps.append(f"{c} {letter} {tally}")
     return ", ".join(steps)
 
 
-def count_item(rng: random.Random, words: list[str], apart: bool = True, worked: bool = True) -> Item:
+def count_item(rng: random.Random, words: list[str], apart: bool = True, worked: bool = True,
+               slip_pairs: int = 0) -> Item:
     """How often a letter is in a word, or how many words a phrase has. With `worked`, a letter count
     walks through the word keeping a tally before it states the count (count_work; the rejected reply:
-    the same walk, a near-miss count). Words in a phrase are counted bare: copying each multi-token
-    word to number it went wrong far more often than the count itself."""
+    the same walk, a near-miss count; the slips: a walk that miscounts one letter). Words in a phrase
+    are counted bare: copying each multi-token word to number it went wrong far more often than the
+    count itself."""
     if rng.random() < 0.5:
         word = rng.choice(words)
         # mostly a letter of the word; sometimes one it lacks (answer 0)
         letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
         question = f'How many times does the letter "{letter}" appear in "{letters(word, apart)}"?'
-        count, steps = word.count(letter), count_work(word, letter) if worked else ""
+        count, steps, key = word.count(letter), count_work(word, letter) if worked else "", f"count:{word}:{letter}"
     else:
         phrase = " ".join(rng.choice(words) for _ in range(rng.randint(2, 9)))
         question = f'How many words are in "{phrase}"?'
-        count, steps = len(phrase.split()), ""
+        count, steps, key = len(phrase.split()), "", f"count:{phrase}"
     wrong = near_miss(count, rng, low=0)
     if not steps:
-        return Item("count", question, str(count), str(wrong), str(count), "numeric")
-    return Item("count", question, f"{steps}. {count}", f"{steps}. {wrong}", str(count), "numeric")
+        return Item("count", question, str(count), str(wrong), str(count), "numeric", key)
+    sub = random.Random(rng.getrandbits(64))
+    walks = [count_work(word, letter, i) for i in sub.sample(range(len(word)), min(slip_pairs, len(word)))]
+    return Item("count", question, f"{steps}. {count}", f"{steps}. {wrong}", str(count), "numeric", key,
+                tuple(f"{walk}. {walk.rsplit(' ', 1)[1]}" for walk in walks))
 
 
 def string_item(rng: random.Random, words: list[str], apart: bool = True) -> Item | None:
@@ -341,12 +471,14 @@ def string_item(rng: random.Random, words: list[str], apart: bool = True) -> Ite
         if not others:
             return None
         rejected = rng.choice(others)
-    return Item("string", question, answer, rejected, answer, verifier)
+    return Item("string", question, answer, rejected, answer, verifier, f"string:{word}")
 
 
-def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True) -> Item | None:
+def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True, slip_pairs: int = 0) -> Item | None:
     """A templated one- or two-step word problem over the operations in `ops` (sharing equally is the
-    inverse of "*"); the reply works the arithmetic out like arith_item. None: no template fits `ops`."""
+    inverse of "*"); the reply works the arithmetic out like arith_item, a slip in one step carries into
+    the next. Its key is its numbers and operations, not its names and objects, and an arith question
+    over the same numbers shares it. None: no template fits `ops`."""
     name, other = rng.sample(NAMES, 2)
     thing = rng.choice(THINGS)
     a, b, c = rng.randint(2, 60), rng.randint(2, 30), rng.randint(2, 12)
@@ -376,8 +508,9 @@ def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True) -> 
         question = f"{name} reads {c} pages every day. How many pages does {name} read in {b} days?"
         steps = [(b, "*", c)]
 
-    def solve(wrong: random.Random | None) -> tuple[str, int]:
-        """The worked reply and its result; with `wrong`, a near miss at the last result (see work)."""
+    def solve(wrong: random.Random | None = None, slip: tuple[int, Any] | None = None) -> tuple[str, int]:
+        """The worked reply and its result; with `wrong`, a near miss at the last result (see work);
+        with `slip` = (step, its slip), that step's work slips and the next works on its wrong result."""
         lines, value = [], None
         for k, (x, op, y) in enumerate(steps):
             x = x if value is None else value  # a second step works on the first one's result
@@ -388,21 +521,36 @@ def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True) -> 
             elif op == "-" and x < y:
                 return "", -1
             else:
-                text, value = work(x, op, y, worked, miss)
+                text, value = slip_work(x, op, y, slip[1]) if slip and slip[0] == k else work(x, op, y, worked, miss)
                 lines.append(text)
         return ". ".join(lines), value
 
-    reply, result = solve(None)
+    reply, result = solve()
     rejected, wrong = solve(rng)
     if result < 0 or wrong == result:  # a result below zero: no such problem
         return None
-    return Item("wordprob", question, reply, rejected, str(result), "numeric")
+    sub, options, value, key = random.Random(rng.getrandbits(64)), [], None, None
+    for k, (x, op, y) in enumerate(steps):  # the slips each step can make, on the right values before it
+        x = x if value is None else value
+        options += [(k, *s) for s in (slips_of(x, op, y) if worked and op != "/" else [])]
+        value = {"+": x + y, "-": x - y, "*": x * y, "/": x // y}[op]
+        key = expression(x if key is None else f"({key})", op, y)
+    slips = []
+    for slip in pick_slips(options, len(options), sub):  # in pick_slips' order, until slip_pairs fit
+        text, value = solve(slip=(slip[0], slip[1:]))
+        if len(slips) < slip_pairs and value >= 0 and value != result and text not in slips:
+            slips.append(text)
+    return Item("wordprob", question, reply, rejected, str(result), "numeric", "expr:" + key, tuple(slips))
 
 
 def docqa_items(entries: list[Entry], rng: random.Random) -> list[Item]:
     """One item per docqa question; rejected is another question's answer of the same type or the
-    answer cut short."""
+    answer cut short. The questions about one entry share its key ("docqa:json:dumps")."""
     qas = questions(entries)
+    entry_of: dict[str, str] = {}
+    for e in entries:  # "Which module provides dumps?" is asked only when one entry defines the name
+        for qa in questions([e]):
+            entry_of.setdefault(qa.question, f"docqa:{e.module}:{e.name}")
     by_type: dict[str, list[str]] = {}
     for qa in qas:
         by_type.setdefault(qa.qtype, []).append(qa.answer)
@@ -419,7 +567,8 @@ def docqa_items(entries: list[Entry], rng: random.Random) -> list[Item]:
         if qa.exact and verify("exact", rejected, qa.answer):
             continue  # e.g. two signatures that differ only in case: not a wrong answer
         verifier = "exact" if qa.exact else ""
-        items.append(Item("docqa", qa.question, qa.answer, rejected, qa.answer if qa.exact else "", verifier))
+        items.append(Item("docqa", qa.question, qa.answer, rejected, qa.answer if qa.exact else "", verifier,
+                          entry_of[qa.question]))
     return items
 
 
@@ -432,10 +581,10 @@ def vocabulary(counts: Counter, n: int = 3000) -> list[str]:
 def task_makers(cfg: Config, words: list[str]) -> dict[str, Callable[[random.Random], Item | None]]:
     """One item maker per generated task, set up as the config says (also used by bench.heldout)."""
     return {
-        "arith": lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked),
-        "count": lambda r: count_item(r, words, cfg.letters_apart, cfg.worked),
+        "arith": lambda r: arith_item(r, cfg.arith_max, cfg.arith_ops, cfg.worked, cfg.slip_pairs),
+        "count": lambda r: count_item(r, words, cfg.letters_apart, cfg.worked, cfg.slip_pairs),
         "string": lambda r: string_item(r, words, cfg.letters_apart),
-        "wordprob": lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked),
+        "wordprob": lambda r: wordprob_item(r, cfg.arith_ops, cfg.worked, cfg.slip_pairs),
     }
 
 
@@ -460,16 +609,106 @@ def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[
 
 
 def item_rows(item: Item) -> dict[str, list[dict[str, Any]]]:
-    """The chat, prefs and (for a checkable answer) prompts rows of one item, split not yet set."""
+    """The chat, prefs (the near miss, then each slip) and, for a checkable answer, prompts rows of one
+    item, with its key; split not yet set."""
     ex = Example(prompt=[{"role": "user", "content": item.question}],
                  reply=[{"role": "assistant", "content": item.reply}],
                  rejected=[{"role": "assistant", "content": item.rejected}],
                  answer=item.answer, verifier=item.verifier, task=item.task)
+    slips = [dataclasses.replace(ex, rejected=[{"role": "assistant", "content": s}]) for s in item.slips]
     return {
-        "chat": [to_row(ex, "chat", SOURCE)],
-        "prefs": [to_row(ex, "prefs", SOURCE)],
-        "prompts": [to_row(ex, "prompts", SOURCE)] if item.verifier else [],
+        "chat": [to_row(ex, "chat", SOURCE) | {"key": item.key}],
+        "prefs": [to_row(e, "prefs", SOURCE) | {"key": item.key, "kind": kind}
+                  for e, kind in [(ex, "near_miss")] + [(e, "slip") for e in slips]],
+        "prompts": [to_row(ex, "prompts", SOURCE) | {"key": item.key}] if item.verifier else [],
     }
+
+
+# -- decontamination --------------------------------------------------------------------------------------
+
+TOKEN = re.compile(r"\w+|[^\w\s]")  # words and single symbols: "47 + 58" and "47 - 58" are other texts
+NGRAM, MIN_RUN = 13, 8  # GPT-3's contamination check (Brown et al. 2020, appendix C): 13-grams, at least 8 words
+TRAIN_SETS = ("sft_chat", "prefs", "rl_prompts", "corpus")
+TextRow = tuple[str | None, str | None, list[str]]  # (prompt key, equivalence key, texts: turns, reference reply)
+
+
+def row_texts(row: dict[str, Any], kind: str) -> list[str]:
+    """Every turn of a row: chat messages; prefs prompt, chosen and rejected; the prompt and its answer."""
+    turns = row["messages"] if kind == "chat" else row["prompt"] + (row["chosen"] + row["rejected"] if kind == "prefs" else [])
+    return [m["content"] for m in turns] + ([row["answer"] or ""] if kind == "prompts" else [])
+
+
+def eval_examples(rows: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], list[TextRow]]:
+    """The held-out examples by (split, task), one per prompt: its turns and its reference reply (the
+    chat reply first, else prefs' chosen, else the prompts row's answer)."""
+    out: dict[tuple[str, str], dict[str, TextRow]] = {}
+    for kind in KINDS:
+        for r in rows[kind]:
+            if r["split"] != "train":
+                prompt = row_prompt(r, kind)
+                reference = ([m["content"] for m in r["messages"][len(prompt):]] if kind == "chat" else
+                             [m["content"] for m in r["chosen"]] if kind == "prefs" else [r["answer"] or ""])
+                group = out.setdefault((r["split"], r.get("task") or r["source"]), {})
+                group.setdefault(prompt_key(prompt), (prompt_key(prompt), r["key"], [m["content"] for m in prompt] + reference))
+    return {k: list(v.values()) for k, v in sorted(out.items())}
+
+
+def overlaps(examples: list[TextRow], train: Iterable[TextRow]) -> tuple[list[bool], list[bool], list[bool]]:
+    """For each example: whether a train example has its prompt, its key, and a run of words of one of
+    its texts: a 13-gram, or a whole text of 8 to 12 words (a shorter one, "4" or "json", is in any
+    text by chance)."""
+    grams: dict[tuple[str, ...], list[int]] = {}
+    short: list[tuple[str, int]] = []
+    for i, (_, _, texts) in enumerate(examples):
+        for text in texts:
+            words = tuple(TOKEN.findall(text.casefold()))
+            if MIN_RUN <= len(words) < NGRAM:
+                short.append((f" {' '.join(words)} ", i))
+            for j in range(len(words) - NGRAM + 1):
+                grams.setdefault(words[j:j + NGRAM], []).append(i)
+    prompts, keys, joined, hit = set(), set(), [], [False] * len(examples)
+    for prompt, key, texts in train:
+        prompts.add(prompt)
+        keys.add(key)
+        for text in texts:
+            words = TOKEN.findall(text.casefold())
+            joined.append(f" {' '.join(words)} ")
+            for j in range(len(words) - NGRAM + 1):
+                for i in grams.get(tuple(words[j:j + NGRAM]), ()):
+                    hit[i] = True
+    everything = "\n".join(joined)  # " a b " is a run of words of one text: it never spans two
+    for needle, i in short:
+        hit[i] = hit[i] or needle in everything
+    return [p in prompts for p, _, _ in examples], [k in keys for _, k, _ in examples], hit
+
+
+def decontamination(rows: dict[str, list[dict[str, Any]]], docs_path: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One table row per held-out (split, task) and train set, and the metrics: held-out examples whose
+    prompt or key is in any instruct train set (0 by construction), and the share of each split's
+    examples with a 13-gram in each train set. The corpus has no prompts or keys: its n-grams only."""
+    def train_rows(kind: str) -> Iterator[TextRow]:
+        return ((prompt_key(row_prompt(r, kind)), r["key"], row_texts(r, kind)) for r in rows[kind] if r["split"] == "train")
+
+    sources = {"sft_chat": lambda: train_rows("chat"), "prefs": lambda: train_rows("prefs"),
+               "rl_prompts": lambda: train_rows("prompts"),
+               "corpus": lambda: ((None, None, [d["text"] or ""]) for d in iter_rows(docs_path, columns=["text"]))}
+    flat = [(split, task, ex) for (split, task), exs in eval_examples(rows).items() for ex in exs]
+    found = {name: overlaps([ex for _, _, ex in flat], make()) for name, make in sources.items()}  # one pass each
+    table, metrics = [], {}
+    for split in SPLITS[1:]:
+        held = [i for i, (s, _, _) in enumerate(flat) if s == split]
+        for what, at in (("exact", 0), ("key", 1)):  # in any instruct train set
+            metrics[f"decontam/{split}_{what}_overlap"] = float(sum(any(found[n][at][i] for n in TRAIN_SETS[:3]) for i in held))
+        for name in TRAIN_SETS:
+            metrics[f"decontam/{split}_13gram_overlap/{name}"] = sum(found[name][2][i] for i in held) / max(1, len(held))
+            for task in sorted({flat[i][1] for i in held}):
+                idx = [i for i in held if flat[i][1] == task]
+                corpus = name == "corpus"
+                table.append({"split": split, "task": task, "train_set": name, "examples": len(idx),
+                              "exact": None if corpus else sum(found[name][0][i] for i in idx),
+                              "key": None if corpus else sum(found[name][1][i] for i in idx),
+                              "ngram13": sum(found[name][2][i] for i in idx)})
+    return table, metrics
 
 
 # -- the stage --------------------------------------------------------------------------------------------
@@ -528,7 +767,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     for item in rl_items:
         rows["prompts"].extend(item_rows(item)["prompts"])
     for kind in KINDS:
-        rows[kind].extend(user_rows[kind])
+        rows[kind].extend(r | {"key": text_key(row_prompt(r, kind))} for r in user_rows[kind])
     if not rows["chat"]:
         raise StageError("instruct: no chat rows (every task count is 0, the corpus gave no docqa, no chat_files); "
                          "raise n_arith or give chat_files")
@@ -539,54 +778,73 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         unique = {r["id"]: r for r in rows[kind]}
         duplicates += len(rows[kind]) - len(unique)
         rows[kind] = list(unique.values())
-    moved = assign_splits(rows, cfg.heldout_frac)
+    moved = assign_splits(rows, cfg.val_frac, cfg.test_frac)
     rl_tasks = {it.task for it in rl_items}  # their train prompts are the RL problems; SFT items' stay as held-out ones
     rows["prompts"] = [r for r in rows["prompts"]
-                       if r["split"] == "val" or r["task"] not in rl_tasks or r["id"] not in sft_prompt_ids]
+                       if r["split"] != "train" or r["task"] not in rl_tasks or r["id"] not in sft_prompt_ids]
 
     for kind in KINDS:
         with ShardWriter(ctx.output(kind), kind) as writer:
             writer.write_many(rows[kind])
+    decontam, decontam_metrics = decontamination(rows, inputs["docs_clean"].path)
+    return summarize(rows, decontam, decontam_metrics, items, len(rl_items), len(entries), n_docs, len(words),
+                     duplicates, moved, import_stats, ctx)
 
+
+def summarize(rows: dict[str, list[dict[str, Any]]], decontam: list[dict[str, Any]], decontam_metrics: dict[str, float],
+              items: list[Item], n_rl: int, n_entries: int, n_docs: int, n_words: int, duplicates: int, moved: Counter,
+              import_stats: list[dict[str, Any]], ctx: StageContext) -> StageResult:
+    """Rows per task, kind and split, the decontamination figures, the summary and a sample per task."""
     per_task: dict[str, Counter] = {}
     for kind in KINDS:
         for r in rows[kind]:
-            task = r.get("task") or r["source"]
-            per_task.setdefault(task, Counter())[f"{kind}_{r['split']}"] += 1
-    task_table = [{"task": t, **{f"{k}_{s}": c[f"{k}_{s}"] for k in KINDS for s in ("train", "val")}}
-                  for t, c in sorted(per_task.items())]
+            per_task.setdefault(r.get("task") or r["source"], Counter())[f"{kind}_{r['split']}"] += 1
+    task_table = [{"task": t, **{f"{k}_{s}": c[f"{k}_{s}"] for k in KINDS for s in SPLITS}} for t, c in sorted(per_task.items())]
     metrics: dict[str, float] = {}
     for kind in KINDS:
-        for split in ("train", "val"):
+        for split in SPLITS:
             metrics[f"{kind}_{split}"] = float(sum(r["split"] == split for r in rows[kind]))
     for t, c in per_task.items():
-        metrics[f"task_{t}"] = float(c["chat_train"] + c["chat_val"])
-    metrics.update(docs=float(n_docs), docqa_entries=float(len(entries)), vocabulary=float(len(words)),
-                   duplicates=float(duplicates), moved_to_train=float(moved), rl_problems=float(len(rl_items)),
-                   import_skipped=float(sum(s["skipped"] for s in import_stats)))
+        metrics[f"task_{t}"] = float(sum(c[f"chat_{s}"] for s in SPLITS))
+    slip_rows = [r for r in rows["prefs"] if r.get("kind") == "slip"]
+    metrics.update(docs=float(n_docs), docqa_entries=float(n_entries), vocabulary=float(n_words),
+                   duplicates=float(duplicates), moved_to_train=float(moved["train"]), moved_to_val=float(moved["val"]),
+                   rl_problems=float(n_rl), slip_pairs=float(len(slip_rows)),
+                   import_skipped=float(sum(s["skipped"] for s in import_stats)), **decontam_metrics)
     ctx.tracker.log_metrics(metrics)
 
+    def cell(r: dict[str, Any], kind: str) -> str:
+        return " / ".join(str(r[f"{kind}_{s}"]) for s in SPLITS)
+
+    test_rows = [r for r in decontam if r["split"] == "test"]
     summary = "\n".join([
         "### instruct",
-        f"chat {metrics['chat_train']:.0f} train / {metrics['chat_val']:.0f} val, prefs {metrics['prefs_train']:.0f} / "
-        f"{metrics['prefs_val']:.0f}, prompts {metrics['prompts_train']:.0f} / {metrics['prompts_val']:.0f}; "
-        f"{len(entries)} docqa entries from {n_docs} docs; {len(rl_items)} RL problems (prompts only); "
-        f"{duplicates} duplicates dropped, {moved} rows moved to train",
+        "rows train / val / test: " + ", ".join(f"{k} {cell({f'{k}_{s}': int(metrics[f'{k}_{s}']) for s in SPLITS}, k)}"
+                                                for k in KINDS)
+        + f" ({len(slip_rows)} prefs rows are slips); {n_entries} docqa entries from {n_docs} docs; {n_rl} RL problems "
+        f"(prompts only); {duplicates} duplicates dropped, {moved['train']} rows moved to train, {moved['val']} to val",
         "",
-        "| task | chat train | chat val | prefs train | prefs val | prompts train | prompts val |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {r['task']} | {r['chat_train']} | {r['chat_val']} | {r['prefs_train']} | {r['prefs_val']} | "
-          f"{r['prompts_train']} | {r['prompts_val']} |" for r in task_table),
+        "| task | chat | prefs | prompts |", "|---|---|---|---|",
+        *(f"| {r['task']} | {cell(r, 'chat')} | {cell(r, 'prefs')} | {cell(r, 'prompts')} |" for r in task_table),
+        "",
+        f"Decontamination, test examples (prompt, reference reply) against each train set: "
+        f"{metrics['decontam/test_exact_overlap']:.0f} exact prompts and {metrics['decontam/test_key_overlap']:.0f} "
+        f"equivalence keys shared with train; share with a {NGRAM}-gram in it (docqa recalls the corpus by design):",
+        "",
+        "| task | examples | " + " | ".join(TRAIN_SETS) + " |", "|---|---|" + "---|" * len(TRAIN_SETS),
+        *(f"| {task} | {group[0]['examples']} | " + " | ".join(f"{g['ngram13'] / max(1, g['examples']):.3f}" for g in group) + " |"
+          for task in sorted({r["task"] for r in test_rows})
+          for group in [[r for r in test_rows if r["task"] == task]]),
         *([""] + [f"imported {s['file']} ({s['format']} -> {s['kind']}): {s['rows']} rows, {s['skipped']} skipped"
                   for s in import_stats] if import_stats else []),
     ])
-    samples = [{"task": it.task, "question": it.question, "reply": it.reply, "rejected": it.rejected}
-               for it in {it.task: it for it in items}.values()]
+    samples = [{"task": it.task, "question": it.question, "reply": it.reply, "rejected": it.rejected,
+                "slip": it.slips[0] if it.slips else ""} for it in {it.task: it for it in items}.values()]
     return StageResult(
-        outputs={k: {"rows": len(rows[k]), "train": int(metrics[f"{k}_train"]), "val": int(metrics[f"{k}_val"])} for k in KINDS},
+        outputs={k: {"rows": len(rows[k]), **{s: int(metrics[f"{k}_{s}"]) for s in SPLITS}} for k in KINDS},
         metrics=metrics,
         summary=summary,
-        tables={"tasks": task_table, "imports": import_stats, "samples": samples},
+        tables={"tasks": task_table, "decontam": decontam, "imports": import_stats, "samples": samples},
     )
 
 

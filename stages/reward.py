@@ -11,8 +11,12 @@ Loss (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, eq. 1), per pair:
 
     L = -log sigma(r(x, y_chosen) - r(x, y_rejected))
 
-Metric: pairwise accuracy on the held-out prefs split, the fraction of pairs with r_chosen > r_rejected
-(ties count as wrong, so the untrained zero-initialised head scores 0, not 0.5).
+Metric: pairwise accuracy on the val prefs split, the fraction of pairs with r_chosen > r_rejected, a
+tie counting half (so chance, a reward that cannot tell the replies apart, is 0.5); overall, per task
+and per kind of rejected reply ("near_miss", "slip": stages/instruct.py). Beside it the untrained
+prior: the same pairs scored by the model before its first step, which is the SFT model's own mean
+log-likelihood of the reply (the zero head plus the likelihood term), already well above chance. The
+gain over it, with a 95% interval over the per-pair differences, is what training added.
 
 Deviations: InstructGPT compares all K-choose-2 pairs of K ranked answers in one batch; our data has
 one pair per prompt. The LM head is kept in the saved directory (unused by the reward) so the
@@ -36,7 +40,9 @@ import torch.nn.functional as F
 
 from models.heads import RewardModel
 from models.hf_export import save_model_dir
-from stages.chat.preference import BatchOrder, Pair, accuracy_by_task, pad_right, train_val_pairs
+from stages.chat.preference import (
+    BatchOrder, Pair, accuracy_by_kind, accuracy_by_task, compare, compare_markdown, pad_right, pair_scores, train_val_pairs,
+)
 from stages.contract import StageContext, StageResult, main
 from stages.training import (
     Clock, TrainConfig, adamw, budget_warnings, checkpoint, clip_gradients, open_model_input, resume,
@@ -58,6 +64,8 @@ class Config(TrainConfig):
     max_len: int = 0  # tokens per sequence; 0 = the backbone's max_seq_len; longer pairs are dropped
     eval_every: int = 100
     eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
+    train_backbone: bool = True  # false: only the head and the likelihood term's weight learn; the prior's likelihood stays
+    train_kinds: tuple[str, ...] = ()  # kinds of prefs pairs trained on ("near_miss", "slip"); () = all; val measures all
 
     def validate(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_pairs"):
@@ -87,37 +95,48 @@ def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int, device: tor
 
 @torch.no_grad()
 def evaluate(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device,
-             autocast: contextlib.AbstractContextManager) -> dict[str, float]:
-    """Pairwise accuracy (overall and per task: "pair_acc/<task>"), mean Bradley-Terry loss and mean
-    margin over `pairs`."""
+             autocast: contextlib.AbstractContextManager) -> tuple[dict[str, float], list[float]]:
+    """Pairwise accuracy, a tie counting half (overall, per task "pair_acc/<task>" and per kind
+    "pair_acc/<kind>"), mean Bradley-Terry loss and mean margin over `pairs`; and each pair's score."""
     model.eval()
-    correct: list[bool] = []
+    scores: list[float] = []
     loss, margin = 0.0, 0.0
     for i in range(0, len(pairs), batch_size):
         with autocast:
             rc, rr = pair_rewards(model, pairs[i:i + batch_size], pad_id, device)
-        correct += (rc > rr).tolist()
+        scores += pair_scores(rc - rr)
         loss += bradley_terry_loss(rc, rr).sum().item()
         margin += (rc - rr).sum().item()
     model.train()
     n = max(1, len(pairs))
-    return {"pair_acc": sum(correct) / n, "loss": loss / n, "margin": margin / n,
-            **accuracy_by_task(pairs, correct, "pair_acc")}
+    return {"pair_acc": sum(scores) / n, "loss": loss / n, "margin": margin / n,
+            **accuracy_by_task(pairs, scores, "pair_acc"), **accuracy_by_kind(pairs, scores, "pair_acc")}, scores
 
 
 def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, ev: dict[str, float],
-              curve: list[dict[str, Any]]) -> StageResult:
-    """Headline metrics (val_pair_acc overall and per task), the summary line and the eval curve."""
-    per_task = {k: v for k, v in ev.items() if k.startswith("pair_acc/")}
+              curve: list[dict[str, Any]], versus_prior: list[dict[str, Any]] | None = None) -> StageResult:
+    """Headline metrics (val_pair_acc overall, per task and per kind; the untrained prior's from the
+    step-0 evaluation; with `versus_prior`, compare's rows against it, 95% half-widths and the paired
+    gain), the summary and the eval curve."""
+    groups = {k: v for k, v in ev.items() if k.startswith("pair_acc/")}
+    prior = {k.removeprefix("val_"): v for k, v in (curve[0] if curve and curve[0]["step"] == 0 else {}).items()
+             if k.startswith("val_pair_acc")}
     metrics = {"val_pair_acc": ev["pair_acc"], "val_loss": ev["loss"], "val_margin": ev["margin"], "steps": float(step),
-               **{f"val_{k}": v for k, v in per_task.items()}}
+               **{f"val_{k}": v for k, v in groups.items()}, **{f"val_prior_{k}": v for k, v in prior.items()}}
+    for row in versus_prior or []:
+        if "/" not in row["pairs"]:  # all, and each kind
+            at = "" if row["pairs"] == "all" else f"/{row['pairs']}"
+            metrics |= {f"val_pair_acc_ci95{at}": row["ci95"], f"val_pair_gain{at}": row["gain_over_prior"],
+                        f"val_pair_gain_ci95{at}": row["gain_over_prior_ci95"]}
     summary = (
-        f"Reward model: {step} of {cfg.max_steps} steps ({stop}) on {derived['train_pairs']} pairs; held-out pairwise "
-        f"accuracy {ev['pair_acc']:.3f} on {derived['val_pairs']} pairs (loss {ev['loss']:.4f}, mean margin "
-        f"{ev['margin']:.3f})" + "".join(f"; {k.removeprefix('pair_acc/')} {v:.3f}" for k, v in per_task.items()) + ".\n"
+        f"Reward model: {step} of {cfg.max_steps} steps ({stop}) on {derived['train_pairs']} pairs; val pairwise "
+        f"accuracy {ev['pair_acc']:.3f} on {derived['val_pairs']} pairs (a tie counts half; untrained prior "
+        f"{prior.get('pair_acc', float('nan')):.3f}; loss {ev['loss']:.4f}, mean margin {ev['margin']:.3f})"
+        + "".join(f"; {k.removeprefix('pair_acc/')} {v:.3f}" for k, v in groups.items()) + ".\n"
+        + ("\n" + compare_markdown(versus_prior, "trained", {"prior": "untrained prior"}) + "\n" if versus_prior else "")
     )
     return StageResult(outputs={"reward_model": {"val_pair_acc": ev["pair_acc"], "steps": step}}, metrics=metrics,
-                       summary=summary, tables={"eval_curve": curve},
+                       summary=summary, tables={"eval_curve": curve, "versus_prior": versus_prior or []},
                        warnings=budget_warnings("reward", stop, step, cfg.max_steps, cfg.max_minutes))
 
 
@@ -129,12 +148,14 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     max_len = cfg.max_len or backbone.cfg.max_seq_len
 
     # data
-    train, val, dropped = train_val_pairs(inputs["prefs"].path, tok, max_len, cfg.batch_size, cfg.eval_pairs, "reward")
+    train, val, dropped = train_val_pairs(inputs["prefs"].path, tok, max_len, cfg.batch_size, cfg.eval_pairs, "reward",
+                                          cfg.train_kinds)
     order = BatchOrder(len(train), cfg.batch_size, ctx.seed)
 
     # model and optimizer
     torch.manual_seed(ctx.seed)
     model = RewardModel(backbone).to(device)
+    model.backbone.requires_grad_(cfg.train_backbone)
     model.train()
     optimizer = adamw(model, cfg, device)
     derived = {"train_pairs": len(train), "val_pairs": len(val), "dropped_too_long": dropped,
@@ -144,7 +165,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
 
     # resume
     ck = resume(ctx, model, optimizer, device, order=order)
-    step, curve = ck.get("step", 0), ck.get("curve", [])
+    step, curve, prior = ck.get("step", 0), ck.get("curve", []), ck.get("prior", [])  # prior: step 0's pair scores
 
     # the loop: evaluate, stop or take one step, checkpoint
     clock = Clock(ck.get("elapsed_s", 0.0))
@@ -154,7 +175,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         last = step >= cfg.max_steps or clock.over(cfg.max_minutes)
         if step % cfg.eval_every == 0 or last:
             with clock.paused():
-                ev = evaluate(model, val, cfg.batch_size, tok.pad_id, device, autocast)
+                ev, scores = evaluate(model, val, cfg.batch_size, tok.pad_id, device, autocast)
+                prior = prior or scores
                 ctx.tracker.log_metrics({f"val/{k}": v for k, v in ev.items()}, step=step)
                 curve.append({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
         if last:
@@ -171,7 +193,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_sum += loss.item()
-        acc_sum += (rc > rr).float().mean().item()
+        acc_sum += sum(pair_scores(rc - rr)) / len(batch)
         n_log += 1
         run_pairs += len(batch)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -180,12 +202,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             ctx.tracker.log_metrics(metrics, step=step)
             ctx.progress(step, cfg.max_steps, "reward", loss=metrics["train/loss"], acc=metrics["train/pair_acc"])
             loss_sum, acc_sum, n_log = 0.0, 0.0, 0
-        checkpoint(ctx, step, model, optimizer, cfg, clock, order=order, curve=curve)
+        checkpoint(ctx, step, model, optimizer, cfg, clock, order=order, curve=curve, prior=prior)
 
     # save: a final checkpoint, then the artifact
-    checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, order=order, curve=curve)
+    checkpoint(ctx, step, model, optimizer, cfg, clock, final=True, order=order, curve=curve, prior=prior)
     stop = stopped_by(step, cfg.max_steps)
-    result = summarize(cfg, derived, step, stop, ev, curve)
+    result = summarize(cfg, derived, step, stop, ev, curve, compare(val, scores, {"prior": prior}))
     result.metrics["samples_per_s"] = clock.rate(2 * run_pairs)  # training time only
     out = save_model_dir(model, sft_dir, ctx.output("reward_model"), hf=False)
     write_run_meta(out, "reward", step, cfg.max_steps, stop, result.metrics, derived, cfg, curve, val=ev)

@@ -57,7 +57,8 @@ CHAT = pa.schema(
         ("messages", MESSAGES),
         ("task", pa.string()),
         ("source", pa.string()),
-        ("split", pa.string()),
+        ("split", pa.string()),  # "train", "val" (tuning) or "test" (reported only): see stages/instruct.py
+        ("key", pa.string()),  # equivalence key: rows of one problem ("expr:47+58", "string:python") share it and a split
     ]
 )
 
@@ -70,6 +71,10 @@ PREFS = pa.schema(
         ("task", pa.string()),  # not in DESIGN's schema: per-task reward/DPO accuracy needs it (null for imports)
         ("source", pa.string()),
         ("split", pa.string()),
+        ("key", pa.string()),
+        # how rejected was made (null for imports): "near_miss", the right work with a wrong result;
+        # "slip", a slip inside the work that every later step follows (reward/DPO report accuracy per kind)
+        ("kind", pa.string()),
     ]
 )
 
@@ -82,8 +87,9 @@ PROMPTS = pa.schema(
         ("task", pa.string()),
         ("source", pa.string()),
         # "train": what GRPO practises on (for generated tasks: RL problems not in `chat`, stages/instruct.py);
-        # "val": the held-out prompts every chat stage is scored on
+        # "val": the held-out prompts every chat stage is scored on; "test": reported only, never read by a trainer
         ("split", pa.string()),
+        ("key", pa.string()),
     ]
 )
 

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +59,10 @@ class NullTracker:
     def log_dict(self, obj: Any, name: str) -> None:
         self.texts[name] = json.dumps(obj, default=str)
 
+    def history(self, run_id: str, keep: Callable[[str], Any] | None = None) -> dict[str, list[tuple[int, float]]]:
+        """No other runs are kept in memory: {} (the evaluate stage then reads the curves stages recorded)."""
+        return {}
+
 
 def metric_key(name: str) -> str:
     """MLflow accepts letters, digits, _ - . / and spaces: `dropped/gopher:min_words` -> `dropped/gopher.min_words`."""
@@ -88,8 +93,8 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = _flatten(params)
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        flat = _flatten(params)  # keys as metric keys: a gate on `ndcg@10` is the param `gates.embedder.ndcg.10.min`
+        items = [Param(metric_key(k), str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -104,8 +109,8 @@ class MlflowTracker:
             for k, v in metrics.items()
             if v is not None and not (isinstance(v, float) and math.isnan(v))
         ]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+        for i in range(0, len(items), 1000):  # MLflow takes at most 1000 metrics a batch (evaluate logs hundreds)
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -124,6 +129,12 @@ class MlflowTracker:
 
     def log_dict(self, obj: Any, name: str) -> None:
         self.client.log_dict(self.run_id, obj, name)
+
+    def history(self, run_id: str, keep: Callable[[str], Any] | None = None) -> dict[str, list[tuple[int, float]]]:
+        """The metric histories of another run of this backend (a stage's curves, for the family
+        report): {key: [(step, value), ...]} in step order, for the keys `keep` accepts."""
+        keys = [k for k in self.client.get_run(run_id).data.metrics if keep is None or keep(k)]
+        return {k: sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, k)) for k in sorted(keys)}
 
 
 def tracker_from_env() -> Tracker:
@@ -183,7 +194,7 @@ class Lineage:
         """Log a model directory to a run and register it as a new version of `model_name`.
 
         MLflow reserves the alias `latest`: `models:/<name>/latest` always resolves to the newest
-        version, which is this one. Gates set `champion` (see the evaluate stage).
+        version, which is this one. Gates set `champion` (stages/evaluate.py; the flow calls set_alias).
         """
         from mlflow.exceptions import MlflowException
 
@@ -195,6 +206,23 @@ class Lineage:
         source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
         version = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
         return version.version
+
+    def set_alias(self, model_name: str, alias: str, fingerprint: str) -> str | None:
+        """Point `alias` (e.g. `champion`) at the newest version of `model_name` registered from the
+        stage artifact `fingerprint`; its version, or None when no such version is registered (a
+        member built with --no-track, or a registry that lost it)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{model_name}'")
+        except MlflowException:
+            return None
+        match = [v for v in versions if (v.tags or {}).get("fingerprint") == fingerprint]
+        if not match:
+            return None
+        version = max(match, key=lambda v: int(v.version)).version
+        self.client.set_registered_model_alias(model_name, alias, version)
+        return str(version)
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

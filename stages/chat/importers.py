@@ -20,7 +20,7 @@
 Files: .jsonl, .json (a list of records), either gzipped (.gz), or .parquet. The format is detected
 from the keys of the first record unless given. Every record first becomes an `Example` (prompt
 turns, reply turns, optional rejected reply / reference answer); the requested kind is a projection
-of it. A record's own "split" field ("train", "val"/"validation"/"test") is kept; otherwise the
+of it. A record's own "split" field ("train", "val"/"validation", "test"/"heldout") is kept; otherwise the
 split is left empty for the caller to assign.
 
 A bad record raises DataImportError with one line naming the file, the line (or record number) and
@@ -48,7 +48,7 @@ Message = dict[str, str]
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
-SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "val", "heldout": "val"}
+SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "heldout": "test"}
 GSM8K_FINAL = re.compile(r"\n?####\s*(.+?)\s*$")
 GSM8K_CALC = re.compile(r"<<[^<>]*>>")  # calculator annotations: "48/2 = <<48/2=24>>24"
 HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")

@@ -3,10 +3,15 @@
 - `read_pairs`: prefs rows of one split -> token ids of prompt+chosen and prompt+rejected, with a mask
   of the response tokens (the assistant's content and its <|im_end|>); pairs longer than the model's
   context are dropped and counted.
-- `train_val_pairs`: both splits as a trainer needs them, or a one-line error.
+- `train_val_pairs`: the train and val splits as a trainer needs them, or a one-line error (the test
+  split is never read here: it is reported only, by the evaluate stage).
 - `BatchOrder`: a seeded permutation per epoch, consumed batch by batch; its state is two integers,
   so a checkpoint resumes the exact data order.
-- `accuracy_by_task`: a pairwise accuracy per task ("pair_acc/arith").
+- `pair_scores`, `accuracy_by_task`, `accuracy_by_kind`: a pairwise accuracy in which a tie counts half,
+  so that chance (a model that cannot tell the two replies apart) is 0.5, overall, per task
+  ("pair_acc/arith") and per kind of rejected reply ("pair_acc/slip": stages/instruct.py).
+- `compare`: that accuracy next to a baseline's on the same pairs (the reward model before training,
+  DPO's reference), with Wilson 95% intervals for both and a normal one for the paired difference.
 - `pad_right`, `token_logps`, `sequence_logps`: right-padded batches and per-token / per-sequence
   log-probabilities of the response tokens under a causal LM. Right padding needs no attention
   mask: a real token never attends to the padding after it.
@@ -36,12 +41,13 @@ class Pair:
     chosen_mask: list[bool]  # True at the tokens the response writes
     rejected_mask: list[bool]
     task: str = ""  # the prefs row's task ("" when it has none)
+    kind: str = ""  # how rejected was made: "near_miss", "slip" ("" for imported pairs)
 
 
 def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[list[Pair], int]:
     """Pairs of `split` and the number dropped for exceeding max_len tokens."""
     pairs, too_long = [], 0
-    for row in iter_rows(path, columns=["id", "prompt", "chosen", "rejected", "task", "split"]):
+    for row in iter_rows(path, columns=["id", "prompt", "chosen", "rejected", "task", "kind", "split"]):
         if row["split"] != split:
             continue
         chosen, chosen_mask = conversation_ids(tok, row["prompt"], row["chosen"])
@@ -49,20 +55,26 @@ def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[li
         if max(len(chosen), len(rejected)) > max_len:
             too_long += 1
             continue
-        pairs.append(Pair(row["id"], row["prompt"], chosen, rejected, chosen_mask, rejected_mask, row["task"] or ""))
+        pairs.append(Pair(row["id"], row["prompt"], chosen, rejected, chosen_mask, rejected_mask, row["task"] or "",
+                          row["kind"] or ""))
     return pairs, too_long
 
 
 def train_val_pairs(path: str | Path, tok: Any, max_len: int, batch_size: int, eval_pairs: int,
-                    stage: str) -> tuple[list[Pair], list[Pair], int]:
-    """The train pairs, an evenly spread fixed subset of at most eval_pairs val pairs, and how many
-    pairs were dropped as longer than max_len; a StageError when there is not one batch to train on or
-    no val pair to measure."""
+                    stage: str, train_kinds: tuple[str, ...] = ()) -> tuple[list[Pair], list[Pair], int]:
+    """The train pairs (only those of `train_kinds` when given; val keeps every kind), a fixed subset of
+    at most eval_pairs val pairs, and how many pairs were dropped as longer than max_len; a StageError
+    when there is not one batch to train on or no val pair to measure. The subset is evenly spread
+    over the pairs in id order (content hashes, so in effect a random sample): in file order the rows
+    of one item sit together, near miss then slip, and a stride of 2 would keep only one kind."""
     train, train_long = read_pairs(path, "train", tok, max_len)
     val, val_long = read_pairs(path, "val", tok, max_len)
+    train = [p for p in train if not train_kinds or p.kind in train_kinds]
     if len(train) < batch_size or not val:
-        raise StageError(f"{stage}: {path} has {len(train)} train and {len(val)} val pairs within {max_len} tokens; "
+        of = f" of kinds {list(train_kinds)}" if train_kinds else ""
+        raise StageError(f"{stage}: {path} has {len(train)} train{of} and {len(val)} val pairs within {max_len} tokens; "
                          f"need at least batch_size={batch_size} train pairs and one val pair")
+    val = sorted(val, key=lambda p: p.id)
     return train, val[:: max(1, math.ceil(len(val) / eval_pairs))], train_long + val_long
 
 
@@ -91,13 +103,84 @@ class BatchOrder:
         return batch
 
 
-def accuracy_by_task(pairs: list[Pair], correct: list[bool], name: str) -> dict[str, float]:
-    """{f"{name}/<task>": share of `correct` among the pairs of each task}, for pairs that have a task."""
-    by_task: dict[str, list[bool]] = {}
-    for pair, ok in zip(pairs, correct):
-        if pair.task:
-            by_task.setdefault(pair.task, []).append(ok)
-    return {f"{name}/{task}": sum(oks) / len(oks) for task, oks in sorted(by_task.items())}
+def pair_scores(margins: torch.Tensor) -> list[float]:
+    """(B,) margins (chosen minus rejected) -> 1 for a pair ranked right, 0.5 for a tie, 0 for wrong:
+    a model that scores both replies alike (DPO's policy at step 0) is at chance, 0.5, not at 0."""
+    return ((margins > 0).float() + 0.5 * (margins == 0).float()).tolist()
+
+
+def accuracy_by_task(pairs: list[Pair], scores: list[float], name: str) -> dict[str, float]:
+    """{f"{name}/<task>": mean of `scores` over the pairs of each task}, for pairs that have a task."""
+    return _mean_by(pairs, scores, name, "task")
+
+
+def accuracy_by_kind(pairs: list[Pair], scores: list[float], name: str) -> dict[str, float]:
+    """{f"{name}/<kind>": mean of `scores` over the pairs of each kind}, for pairs that have a kind."""
+    return _mean_by(pairs, scores, name, "kind")
+
+
+def _mean_by(pairs: list[Pair], scores: list[float], name: str, attr: str) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for pair, s in zip(pairs, scores):
+        if getattr(pair, attr):
+            groups.setdefault(getattr(pair, attr), []).append(s)
+    return {f"{name}/{g}": sum(v) / len(v) for g, v in sorted(groups.items())}
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95% interval, 1.96 * sd / sqrt(n) (sd with n - 1): for paired
+    differences, which can be negative."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's 95% score interval (lo, hi) for a share p of n (Wilson 1927): unlike p ± 1.96 sd it does
+    not shrink to nothing at 0 or 1, where near-miss pairs sit. A tie's half counts as half a success."""
+    if n == 0:
+        return float("nan"), float("nan")
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def compare(pairs: list[Pair], scores: list[float], baselines: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """One row per group of pairs (all, each kind, each kind and task): n, the accuracy with its Wilson
+    95% interval (lo, hi; ci95 is half its width), and for each named baseline scored on the same pairs
+    its accuracy and interval, and the paired difference (accuracy minus baseline) with the normal 95%
+    half-width over the per-pair differences."""
+    groups: dict[str, list[int]] = {"all": list(range(len(pairs)))}
+    for i, p in enumerate(pairs):
+        if p.kind:
+            groups.setdefault(p.kind, []).append(i)
+            groups.setdefault(f"{p.kind}/{p.task or '-'}", []).append(i)
+    rows = []
+    for group, idx in sorted(groups.items(), key=lambda g: (g[0] != "all", "/" in g[0], g[0])):
+        row: dict[str, Any] = {"pairs": group, "n": len(idx)}
+        for name, values in {"acc": scores, **baselines}.items():
+            value = sum(values[i] for i in idx) / len(idx)
+            lo, hi = wilson(value, len(idx))
+            row |= {name: value, f"{name}_lo": lo, f"{name}_hi": hi, f"{name}_ci95": (hi - lo) / 2}
+        row["ci95"] = row.pop("acc_ci95")
+        for name, base in baselines.items():
+            row[f"gain_over_{name}"], row[f"gain_over_{name}_ci95"] = mean_ci95([scores[i] - base[i] for i in idx])
+        rows.append(row)
+    return rows
+
+
+def compare_markdown(rows: list[dict[str, Any]], label: str, baselines: dict[str, str]) -> str:
+    """The rows of `compare` as a markdown table: accuracy [95%], each baseline [95%], the gain ± 95%."""
+    head = f"| pairs | n | {label} | " + " | ".join(f"{title} | gain over it" for title in baselines.values()) + " |"
+    lines = [head, "|---|---|---|" + "---|---|" * len(baselines)]
+    for r in rows:
+        cells = [f"{r[n]:.3f} [{r[f'{n}_lo']:.3f}, {r[f'{n}_hi']:.3f}] | "
+                 f"{r[f'gain_over_{n}']:+.3f} ± {r[f'gain_over_{n}_ci95']:.3f}" for n in baselines]
+        lines.append(f"| {r['pairs']} | {r['n']} | {r['acc']:.3f} [{r['acc_lo']:.3f}, {r['acc_hi']:.3f}] | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int | bool, device: torch.device | str = "cpu",

@@ -1,12 +1,14 @@
 """End to end: the whole family DAG on the `micro` recipe (real pydoc crawl, every stage, real
 Prefect and MLflow), then the promises a user relies on: a second run reuses everything, status
 shows every stage published with its headline metrics, the chat model answers, `family search` and
-`family rag` answer from the corpus, and the chat, embed and rerank members are registered."""
+`family rag` answer from the corpus, the members are registered, and the evaluate stage reports every
+member on the test split, writes the family report and sets `champion` on the members that pass."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +105,38 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
                           "--prompt", "?"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "none.png: no such image file" in out.stderr
 
+    # the evaluate stage: every member on the test split, the report, the gates -> champion
+    ev = by_stage["evaluate"]["metrics"]
+    for key in ("grpo/acc", "grpo/acc_lo", "grpo/acc_hi", "grpo/baseline", "base/rank_acc", "rank_chance",
+                "sft_vs_base/acc_delta", "grpo_vs_dpo/acc_mcnemar_p", "grpo/pass@1", "grpo/pass@4", "grpo_vs_dpo/pass@1_delta",
+                "chat_int4/loss_increase", "chat_int4_vs_grpo/acc_delta", "small_vs_grpo/acc_delta", "embedder/ndcg@10",
+                "reranker_vs_hybrid/ndcg@10_delta", "vl/acc", "vl_vs_blind/acc_delta"):
+        assert key in ev, key
+    # a third-party evaluator agrees: lm-eval's greedy answers are ours, its rolling log-likelihood our bpb
+    assert ev["lm_eval/agreement"] == 1.0 and ev["lm_eval/bpb_rel_diff"] < 0.01
+    assert {h["split"] for h in doc["headline"]} == {"test"} and all("lo" in h and "baseline" in h for h in doc["headline"])
+    assert {h["member"] for h in doc["headline"]} >= {"base", "sft", "dpo", "grpo", "small", "chat_int8", "embedder", "vl"}
+    assert {(g["member"], g["passed"]) for g in doc["gates"]} == {("chat_int8", True), ("grpo", True), ("embedder", False)}
+    assert cli(["report", "--home", str(home.root)]) == 0
+    out = capsys.readouterr().out
+    html = Path(out.splitlines()[0])
+    assert html.name == "report.html" and "<img " in html.read_text() and "PASS grpo/acc" in out
+
     client = MlflowClient(home.mlflow_uri)
+    aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}
+    assert "champion" in aliases["micro-chat"] and "champion" in aliases["micro-chat-int8"]
+    assert "champion" not in aliases["micro-embed"]  # its gate failed
+    runs = client.search_runs([client.get_experiment_by_name("family-micro").experiment_id], "tags.stage = 'evaluate'")
+    assert "report.html" in [a.path for a in client.list_artifacts(runs[0].info.run_id)]
+    # `family chat` defaults to the chat champion: the registered grpo version, the same greedy answer as its URI
+    from flows.cli import chat_champion, registered_model
+
+    assert chat_champion(home) == registered_model(home, "models:/micro-chat@champion")
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "chat", "--home", str(home.root), "--model",
+                          "models:/micro-chat@champion", "--prompt", "What is 12 + 30?", "--max-new-tokens", "4",
+                          "--temperature", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == answers[0], out.stderr
+
     versions = client.search_model_versions("name = 'micro-chat'")
     assert len(versions) == 1 and client.get_run(versions[0].run_id).data.tags["stage"] == "grpo"
     for member, stage in (("micro-embed", "embed"), ("micro-rerank", "rerank"), ("micro-small", "distill"),

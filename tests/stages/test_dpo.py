@@ -73,9 +73,18 @@ def test_short_run_increases_margins_and_accuracy(world, tmp_path):
     margins = [m for _, m in ctx.tracker.metrics["train/rewards/margins"]]
     assert margins[-1] > margins[0] and margins[-1] > 0, margins
     curve = result.tables["eval_curve"]
-    assert curve[0]["val_pref_acc"] == 0.0  # the policy is the reference: every margin is exactly 0
+    assert curve[0]["val_pref_acc"] == 0.5  # the policy is the reference: every margin is exactly 0, a tie, chance
+    assert curve[0]["val_logp_acc"] == curve[0]["val_ref_logp_acc"] == result.metrics["val_ref_logp_acc"]
     assert result.metrics["val_pref_acc"] > 0.8, result.summary
     assert [k for k in result.metrics if k.startswith("val_pref_acc/")] == ["val_pref_acc/letter"]
+    # against chance and against the reference's own likelihood preference, with intervals
+    chance = {r["pairs"]: r for r in result.tables["versus_chance"]}["all"]
+    assert chance["chance"] == 0.5 and chance["acc"] == pytest.approx(result.metrics["val_pref_acc"])
+    assert chance["ci95"] > 0 and chance["gain_over_chance"] == pytest.approx(chance["acc"] - 0.5)
+    ref = {r["pairs"]: r for r in result.tables["versus_reference"]}["all"]
+    assert ref["reference"] == pytest.approx(result.metrics["val_ref_logp_acc"]) and ref["n"] == 24  # 2 templates x 4 x 3
+    assert result.metrics["val_logp_gain"] == pytest.approx(ref["acc"] - ref["reference"])
+    assert "Likelihood preference" in result.summary
     assert result.metrics["acc/say"] > result.metrics["sft_acc/say"], result.summary
     out = ctx.output("dpo")
     assert {"model.safetensors", "config.json", "tokenizer.json", "meta.json"} <= {p.name for p in out.iterdir()}

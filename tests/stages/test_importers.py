@@ -119,7 +119,7 @@ def test_trl_conversational_messages(tmp_path):
     rows, stats = import_file(path)
     assert stats["format"] == "messages" and stats["kind"] == "chat"
     assert rows[0]["messages"][-1] == assistant("4") and rows[0]["task"] == "chat" and rows[0]["split"] is None
-    assert rows[1]["split"] == "val"  # the record's own split, "test" read as held out
+    assert rows[1]["split"] == "test"  # the record's own split is kept
     assert rows[0]["source"] == "chat.jsonl" and rows[0]["id"].startswith("chat.jsonl:")
 
 

@@ -12,6 +12,7 @@ import json
 import pydoc
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from stages.contract import StageError
 from storage.parquet import read_table, write_table
 from tests.conftest import artifact, make_ctx
 
-SMALL = dict(n_arith=200, n_count=100, n_string=100, n_wordprob=100, max_docqa=500, heldout_frac=0.2, rl_per_task=0)
+SMALL = dict(n_arith=200, n_count=100, n_string=100, n_wordprob=100, max_docqa=500, val_frac=0.15, test_frac=0.15,
+             rl_per_task=0)
 
 
 def plain_text(name: str) -> str:
@@ -93,14 +95,19 @@ def test_numeric_takes_the_last_number():
 @pytest.mark.parametrize("task", ["arith", "count", "string", "wordprob"])
 def test_generated_answers_verify_and_rejected_do_not(task):
     words = instruct.FALLBACK_WORDS
-    make = {"arith": instruct.arith_item, "wordprob": instruct.wordprob_item,
-            "count": lambda r: instruct.count_item(r, list(words)), "string": lambda r: instruct.string_item(r, list(words))}[task]
+    make = {"arith": lambda r: instruct.arith_item(r, slip_pairs=2), "wordprob": lambda r: instruct.wordprob_item(r, slip_pairs=2),
+            "count": lambda r: instruct.count_item(r, list(words), slip_pairs=2), "string": lambda r: instruct.string_item(r, list(words))}[task]
     items = instruct.unique_items(make, 150, random.Random(0))  # 40 words x 4 string operations = 160 questions
     assert len(items) == 150 and len({it.question for it in items}) == 150
     for it in items:
-        assert it.task == task and it.verifier in ("numeric", "exact", "exact_case")
+        assert it.task == task and it.verifier in ("numeric", "exact", "exact_case") and it.key
         assert verify(it.verifier, it.reply, it.answer), it
         assert not verify(it.verifier, it.rejected, it.answer), it
+        assert not any(verify(it.verifier, slip, it.answer) for slip in it.slips) and len(set(it.slips)) == len(it.slips)
+        assert it.reply not in it.slips and it.rejected not in it.slips
+    with_slips = sum(bool(it.slips) for it in items)
+    # arith: a one-line product has no work to slip in; count: words in a phrase are counted bare
+    assert with_slips == 0 if task == "string" else with_slips > 0.4 * len(items)
 
 
 def test_generated_answers_are_right():
@@ -218,6 +225,133 @@ def test_word_problems_use_only_the_recipes_operations(ops, templates):
     assert instruct.wordprob_item(random.Random(0), "") is None
 
 
+def read_slipped_column_work(text: str, a: int, op: str, b: int) -> tuple[int, int]:
+    """Read a worked reply that may hold one slip: every step takes the carry or borrow the step before
+    it wrote, and the result is the digits the steps wrote. Returns (the column of the one step that is
+    not school arithmetic, the result); every other step must be."""
+    *steps, last = text.split(". ")
+    width = len(str(max(a, b)))
+    assert len(steps) == width and last.startswith(f"{a} {op} {b} = ")
+    out, carry, wrong = [], 0, []
+    for i, (step, x, y) in enumerate(zip(steps, reversed(str(a).zfill(width)), reversed(str(b).zfill(width)))):
+        lhs, rhs = step.split(" = ")
+        value, noted = int(rhs.split(",")[0]), ", carry 1" in rhs or ", borrow 1" in rhs
+        terms = [int(t) for t in re.split(r" [-+] ", lhs)]
+        if op == "+":
+            assert terms == [int(x), int(y)] + ([carry] if carry else []), step  # takes the carry it was given
+            right = value == eval(lhs) and noted == (value >= 10)  # noqa: S307 - digits we wrote
+        else:
+            top = terms[0]
+            assert top in (int(x), int(x) + 10) and terms[1:] == ([carry] if carry else []) + [int(y)], step
+            needed = int(x) - carry < int(y)
+            right = value == eval(lhs) and top == int(x) + 10 * needed and noted == needed  # noqa: S307
+        if not right:
+            wrong.append(i)
+        out.append(value % 10)
+        carry = int(noted)
+    if op == "+" and carry:
+        out.append(carry)
+    result = int("".join(map(str, reversed(out))))
+    assert last == f"{a} {op} {b} = {result}" and len(wrong) == 1, (text, wrong)
+    return wrong[0], result
+
+
+def test_slipped_column_work_is_one_slip_carried_through():
+    """Each slip breaks one step; every later step follows from it, the result is what the steps give."""
+    assert instruct.column_work(47, 58, "+", (0, "drop"))[0] == "7 + 8 = 15. 4 + 5 = 9. 47 + 58 = 95"
+    assert instruct.column_work(85, 47, "-", (0, "drop"))[0] == "15 - 7 = 8. 8 - 4 = 4. 85 - 47 = 48"
+    assert instruct.column_work(47, 58, "+", (1, "up"))[0] == "7 + 8 = 15, carry 1. 4 + 5 + 1 = 11, carry 1. 47 + 58 = 115"
+    assert instruct.column_slips(47, 58, "+") == [(0, "drop"), (0, "up"), (0, "down"), (1, "up"), (1, "down")]
+    rng, kinds = random.Random(4), set()
+    for _ in range(400):
+        a, b = rng.randint(10, 9999), rng.randint(10, 9999)
+        for op in "+-":
+            a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
+            right, value = instruct.column_work(a, b, op)
+            for column, how in instruct.column_slips(a, b, op):
+                text, result = instruct.column_work(a, b, op, (column, how))
+                assert read_slipped_column_work(text, a, op, b) == (column, result) and result != value >= 0
+                assert text.split(". ")[:column] == right.split(". ")[:column]  # right up to the slip
+                kinds.add(how)
+    assert kinds == {"drop", "up", "down"}
+
+
+def test_slipped_products_and_tallies():
+    assert instruct.product_work(347, 58, (0, 10))[0] == "347 * 58 = 347 * 8 + 347 * 50 = 2786 + 17350 = 20136"
+    assert instruct.product_slips(34, 7) == []  # one line: nothing to slip in
+    for part, error in instruct.product_slips(347, 58):
+        text, result = instruct.product_work(347, 58, (part, error))
+        parts = [int(v) for v in text.split(" = ")[2].split(" + ")]
+        assert result == sum(parts) != 347 * 58 and parts[part] - error == [2776, 17350][part]
+        assert str(parts[part])[-1 - (part == 1):] == str([2776, 17350][part])[-1 - (part == 1):] or abs(error) >= 10 ** part
+    assert instruct.count_work("null", "u", 1) == "n u 0, u u 0, l u 0, l u 0"  # the match missed
+    assert instruct.count_work("null", "u", 0) == "n u 1, u u 2, l u 2, l u 2"  # a mismatch counted
+    items = instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana"], slip_pairs=3), 40, random.Random(5))
+    for it in items:
+        if it.question.startswith("How many times"):
+            letter, word = re.findall(r'"([^"]*)"', it.question)
+            word = word.replace(" ", "")
+            assert len(it.slips) == 3 and len(set(it.slips)) == 3
+            for slip in it.slips:
+                walk, count = slip.rsplit(". ", 1)
+                tallies = [int(step.split(" ")[2]) for step in walk.split(", ")]
+                true = [word[:i + 1].count(letter) for i in range(len(word))]
+                at = next(i for i, (t, u) in enumerate(zip(tallies, true)) if t != u)
+                assert all(t - u == tallies[at] - true[at] in (-1, 1) for t, u in zip(tallies[at:], true[at:]))
+                assert int(count) == tallies[-1] != int(it.answer)
+        else:
+            assert it.slips == ()  # words in a phrase are counted bare
+
+
+def test_word_problem_slips_carry_into_the_next_step():
+    items = instruct.unique_items(lambda r: instruct.wordprob_item(r, "+-", slip_pairs=2), 200, random.Random(6))
+    two_step = [it for it in items if "takes away" in it.question]
+    assert two_step and all(len(it.slips) == 2 for it in items)
+    for it in two_step:
+        a, b, c = (int(n) for n in re.findall(r"\d+", it.question))
+        for slip in it.slips:
+            lines = slip.split(". ")
+            first = max(i for i, line in enumerate(lines) if re.fullmatch(rf"{a} \+ {b} = \d+", line))  # the step's own line
+            total, result = int(lines[first].rsplit(" ", 1)[1]), int(slip.rsplit(" ", 1)[1])
+            assert lines[-1] == f"{total} - {c} = {result}" and result != int(it.answer)  # works on what it wrote
+            assert (total != a + b) != (result != total - c)  # one slip, in one of the two steps
+
+
+def test_equivalent_problems_share_a_key_and_names_do_not_matter():
+    r = random.Random(7)
+    arith = {it.question: it.key for it in instruct.unique_items(lambda g: instruct.arith_item(g, 20, "+*-"), 250, r)}
+    commuted = [q for q in arith if "-" not in q and "What is {2} {1} {0}?".format(*q[8:-1].split()) in arith]
+    assert commuted and all(arith[q] == arith["What is {2} {1} {0}?".format(*q[8:-1].split())] for q in commuted)
+    minus = instruct.arith_item(random.Random(0), 20, "-")
+    assert minus.key == "expr:{}-{}".format(*re.findall(r"\d+", minus.question))  # a - b is not b - a
+    wordprob = instruct.unique_items(lambda g: instruct.wordprob_item(g, "+-*"), 400, r)
+    by_key: dict[str, set[str]] = {}
+    for it in wordprob:
+        by_key.setdefault(it.key, set()).add(it.question)
+    renamed = [qs for qs in by_key.values() if len(qs) > 1]
+    assert renamed  # the same numbers and operations asked about other people or things share a key
+    shelf = instruct.wordprob_item(random.Random(0), "+-")
+    assert shelf.key.startswith("expr:") and shelf.key.count("(") in (0, 1)
+    count = instruct.unique_items(lambda g: instruct.count_item(g, ["banana"]), 30, r)
+    assert {it.key for it in count if "letter" in it.question} <= {f"count:banana:{c}" for c in "abcdefghijklmnopqrstuvwxyz"}
+    strings = instruct.unique_items(lambda g: instruct.string_item(g, ["banana", "python"]), 8, r)
+    assert len(strings) == 8 and {it.key for it in strings} == {"string:banana", "string:python"}
+    entries = [e for m in ("heapq", "json") for e in parse_pydoc(plain_text(m), f"http://127.0.0.1:8765/{m}.html")]
+    docqa = {it.question: it.key for it in instruct.docqa_items(entries, random.Random(0))}
+    assert docqa["What does heapq.heappush do?"] == docqa["What is the signature of heapq.heappush?"] \
+        == docqa["Which module provides heappush?"] == "docqa:heapq:heappush" != docqa["What is the heapq module for?"]
+
+
+def test_changing_one_held_out_share_leaves_the_other_split_alone():
+    keys = [f"expr:{a}+{b}" for a in range(100) for b in range(a, 100)]
+    base = {k: instruct.split_of(k, 0.1, 0.1) for k in keys}
+    more_val = {k: instruct.split_of(k, 0.3, 0.1) for k in keys}
+    more_test = {k: instruct.split_of(k, 0.1, 0.3) for k in keys}
+    assert {k for k in keys if base[k] == "test"} == {k for k in keys if more_val[k] == "test"}
+    assert {k for k in keys if base[k] == "val"} == {k for k in keys if more_test[k] == "val"}
+    assert 0.07 < sum(s == "test" for s in base.values()) / len(keys) < 0.13
+
+
 # -- docqa on real pydoc text ---------------------------------------------------------------------------
 
 
@@ -280,24 +414,36 @@ def test_stage_writes_all_tasks_with_disjoint_splits(tmp_path, corpus):
     tasks = {r["task"] for r in rows["chat"]}
     assert tasks == {"docqa", "arith", "count", "string", "wordprob"}
     for kind, kind_rows in rows.items():
-        train = [r for r in kind_rows if r["split"] == "train"]
-        val = [r for r in kind_rows if r["split"] == "val"]
-        assert len(train) + len(val) == len(kind_rows) and val, kind
-        assert not {r["id"] for r in train} & {r["id"] for r in val}
+        by_split = {s: [r for r in kind_rows if r["split"] == s] for s in instruct.SPLITS}
+        assert sum(map(len, by_split.values())) == len(kind_rows) and by_split["val"] and by_split["test"], kind
         assert len({r["id"] for r in kind_rows}) == len(kind_rows)
-        assert result.metrics[f"{kind}_train"] == len(train) and result.metrics[f"{kind}_val"] == len(val)
-    # no prompt text is in both splits, across all three outputs
-    keys = {"train": set(), "val": set()}
+        assert all(result.metrics[f"{kind}_{s}"] == len(by_split[s]) for s in instruct.SPLITS)
+        assert all(r["key"] for r in kind_rows)
+        # every task's held-out problems are in both held-out sets (docqa's prompts: its exact questions only)
+        assert {r["task"] for r in by_split["test"]} == {r["task"] for r in by_split["val"]} == {r["task"] for r in kind_rows}
+    # no prompt text is in two splits, across all three outputs
+    keys = {s: set() for s in instruct.SPLITS}
     for kind, kind_rows in rows.items():
         for r in kind_rows:
             keys[r["split"]].add(instruct.prompt_key(instruct.row_prompt(r, kind)))
-    assert not keys["train"] & keys["val"]
-    assert 0.1 < len(keys["val"]) / (len(keys["train"]) + len(keys["val"])) < 0.3  # heldout_frac 0.2
-    assert {row["task"]: row["chat_train"] + row["chat_val"] for row in result.tables["tasks"]}["arith"] == 200
+    assert not keys["train"] & keys["val"] and not keys["train"] & keys["test"] and not keys["val"] & keys["test"]
+    total = sum(map(len, keys.values()))
+    assert 0.07 < len(keys["val"]) / total < 0.25 and 0.07 < len(keys["test"]) / total < 0.25  # 0.15 each
+    assert {row["task"]: sum(row[f"chat_{s}"] for s in instruct.SPLITS) for row in result.tables["tasks"]}["arith"] == 200
 
 
 def test_stage_rows_are_consistent(tmp_path, corpus):
-    _, rows = run_stage(tmp_path, corpus)
+    result, rows = run_stage(tmp_path, corpus)
+    # each worked item's prefs: its near miss and its slip, with one prompt, chosen reply, key and split
+    by_prompt: dict[str, list[dict]] = {}
+    for r in rows["prefs"]:
+        by_prompt.setdefault(instruct.prompt_key(r["prompt"]), []).append(r)
+    slipped = [group for group in by_prompt.values() if len(group) > 1]
+    assert len(slipped) == result.metrics["slip_pairs"] > 100
+    assert {r["kind"] for r in rows["prefs"]} == {"near_miss", "slip"}
+    for group in slipped:
+        assert sorted(r["kind"] for r in group) == ["near_miss", "slip"] and group[0]["task"] in ("arith", "count", "wordprob")
+        assert len({(json.dumps(r["chosen"]), r["key"], r["split"]) for r in group}) == 1
     for p in rows["prompts"]:
         assert p["verifier"] in ("numeric", "exact", "exact_case") and p["answer"]
     chat_reply = {instruct.prompt_key(r["messages"][:-1]): r["messages"][-1]["content"] for r in rows["chat"]}
@@ -308,6 +454,69 @@ def test_stage_rows_are_consistent(tmp_path, corpus):
     docqa = [r["messages"] for r in rows["chat"] if r["task"] == "docqa"]
     assert [{"role": "user", "content": "What does json.dumps do?"},
             {"role": "assistant", "content": "Serialize ``obj`` to a JSON formatted ``str``."}] in docqa
+
+
+def problem(task: str, question: str, reference: str) -> tuple:
+    """What a question asks, read back from its text alone (not from the stage's keys): the same
+    problem with commuted operands, other names or objects, another question about the same word or
+    docqa entry gives the same value."""
+    quoted = [q.replace(" ", "") for q in re.findall(r'"([^"]*)"', question)]
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if task == "arith":
+        a, op, b = question.removeprefix("What is ").removesuffix("?").split()
+        return ("expr", op, *(sorted((int(a), int(b))) if op in "+*" else (int(a), int(b))))
+    if task == "wordprob":  # the templates' numbers, in the order the questions state them
+        for phrase, op in (("takes away", "+-"), ("gets", "+"), ("gives", "-"), ("shares", "/"), ("boxes", "*"), ("reads", "*")):
+            if phrase in question:
+                if op == "+-":
+                    return ("expr", op, *sorted(numbers[:2]), numbers[2])
+                return ("expr", op, *(sorted(numbers) if op in "+*" else numbers))
+    if task == "count":
+        return ("count", *quoted) if question.startswith("How many times") else ("words", question)
+    if task == "string":
+        return ("string", quoted[0])
+    if task == "docqa":  # the entry asked about: "json.dumps", or the module "json"
+        for pattern in (r"What does (\S+) do\?", r"What is the signature of (\S+)\?", r"What is the (\S+) module for\?",
+                        r"What is (\S+)\?"):
+            if m := re.fullmatch(pattern, question):
+                return ("docqa", m[1])
+        name = re.fullmatch(r"Which module provides (\S+)\?", question)[1]
+        return ("docqa", f"{reference}.{name}")
+    raise AssertionError(question)
+
+
+def test_real_output_test_split_shares_no_prompt_and_no_problem_with_any_train_set(tmp_path, corpus):
+    """On the stage's own output: no test prompt is a prompt of SFT chat, prefs or RL prompts train rows,
+    and no test problem (read back from the question text) is one of theirs; small operands and RL
+    problems make commuted and renamed repeats common, so the check is not vacuous."""
+    result, rows = run_stage(tmp_path, corpus, arith_max=20, rl_per_task=100)
+    reference = {instruct.prompt_key(r["messages"][:-1]): r["messages"][-1]["content"] for r in rows["chat"]}
+    prompts: dict[str, set] = {s: set() for s in instruct.SPLITS}
+    problems: dict[tuple, set[str]] = {}
+    wordings: dict[tuple, set[str]] = {}
+    for kind, kind_rows in rows.items():
+        for r in kind_rows:
+            prompt = instruct.row_prompt(r, kind)
+            question = prompt[0]["content"]
+            answer = reference.get(instruct.prompt_key(prompt)) or r.get("answer")
+            prompts[r["split"]].add(instruct.prompt_key(prompt))
+            key = problem(r["task"], question, answer)
+            problems.setdefault(key, set()).add(r["split"])
+            wordings.setdefault(key, set()).add(question)
+    assert prompts["test"] and not prompts["test"] & prompts["train"] and not prompts["val"] & prompts["train"]
+    assert not prompts["test"] & prompts["val"]
+    assert all(len(splits) == 1 for splits in problems.values()), [k for k, v in problems.items() if len(v) > 1][:5]
+    repeated = Counter(k[0] for k, qs in wordings.items() if len(qs) > 1)
+    assert repeated["expr"] > 20 and repeated["string"] > 5 and repeated["docqa"] > 20, repeated
+    assert sum("test" in splits for k, splits in problems.items() if len(wordings[k]) > 1) > 5
+    # the stage's own figures agree, and it reports what does overlap: 13-grams, docqa against the corpus
+    for split in ("val", "test"):
+        assert result.metrics[f"decontam/{split}_exact_overlap"] == 0 == result.metrics[f"decontam/{split}_key_overlap"]
+    table = {(r["split"], r["task"], r["train_set"]): r for r in result.tables["decontam"]}
+    assert {t for _, t, _ in table} == {"arith", "count", "docqa", "string", "wordprob"}
+    assert all(r["exact"] == r["key"] == 0 for r in table.values() if r["train_set"] != "corpus")
+    assert table[("test", "docqa", "corpus")]["ngram13"] > 0 == table[("test", "arith", "corpus")]["ngram13"]
+    assert 0 < result.metrics["decontam/test_13gram_overlap/corpus"] < 1
 
 
 def test_stage_is_deterministic_and_held_out_prompts_do_not_depend_on_seed(tmp_path, corpus):
@@ -326,19 +535,19 @@ def test_rl_problems_are_new_and_are_the_only_train_prompts(tmp_path, corpus):
     assert rows["chat"] == plain["chat"] and rows["prefs"] == plain["prefs"]  # SFT and DPO data unchanged
     chat_questions = {r["messages"][0]["content"] for r in rows["chat"]}
     train = [r for r in rows["prompts"] if r["split"] == "train"]
-    val = [r for r in rows["prompts"] if r["split"] == "val"]
+    held = [r for r in rows["prompts"] if r["split"] != "train"]
     # GRPO practises on problems SFT never saw: 50 per generated task, less those held out
     docqa = [r for r in train if r["task"] == "docqa"]  # no generator: keeps its train prompts
     assert docqa == [r for r in plain["prompts"] if r["split"] == "train" and r["task"] == "docqa"] and docqa
     train = [r for r in train if r["task"] != "docqa"]
     assert train and not {r["prompt"][0]["content"] for r in train} & chat_questions
     assert {r["task"] for r in train} == {"arith", "count", "string", "wordprob"}
-    assert result.metrics["rl_problems"] == 200 and 150 < len(train) < 200
-    # the held-out prompts of the SFT items are all still there, with the RL problems that hashed to val
-    plain_val = [r for r in plain["prompts"] if r["split"] == "val"]
-    assert {r["id"] for r in plain_val} < {r["id"] for r in val}
-    assert len(val) - len(plain_val) == 200 - len(train)
-    for r in train + val:
+    assert result.metrics["rl_problems"] == 200 and 110 < len(train) < 190  # val_frac + test_frac = 0.3
+    # the held-out prompts of the SFT items are all still there, in the same split, with the RL problems held out
+    plain_held = [r for r in plain["prompts"] if r["split"] != "train"]
+    assert {(r["id"], r["split"]) for r in plain_held} < {(r["id"], r["split"]) for r in held}
+    assert len(held) - len(plain_held) == 200 - len(train)
+    for r in train + held:
         assert r["verifier"] in ("numeric", "exact", "exact_case") and r["answer"]
     for r in train:
         if r["task"] == "arith":  # "What is 47 + 58?" -> "105"
@@ -392,7 +601,7 @@ def test_user_file_of_the_wrong_kind_says_what_to_do(tmp_path, corpus, shared_da
 
 
 def test_config_is_checked(tmp_path, corpus):
-    with pytest.raises(StageError, match="heldout_frac must be in"):
-        run_stage(tmp_path, corpus, heldout_frac=1.5)
+    with pytest.raises(StageError, match="val_frac and test_frac must be >= 0 with a sum below 1"):
+        run_stage(tmp_path, corpus, val_frac=0.6, test_frac=0.4)
     with pytest.raises(StageError, match="n_arith must be >= 0"):
         run_stage(tmp_path, corpus, n_arith=-1)

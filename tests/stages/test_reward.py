@@ -10,6 +10,7 @@ from models.heads import RewardModel, score
 from models.tokenizer import Tokenizer
 from stages import reward
 from stages.contract import StageError
+from storage.parquet import read_table, write_table
 from tests.conftest import artifact, make_ctx
 from tests.stages.alignment_toy import make_model_dir, write_prefs
 
@@ -35,6 +36,11 @@ def test_short_run_separates_an_easy_preference(world, tmp_path):
     assert result.metrics["val_pair_acc"] > 0.9, result.summary
     assert result.metrics["val_pair_acc/refusal"] == result.metrics["val_pair_acc"]  # one task: the same pairs
     assert [r["step"] for r in result.tables["eval_curve"]] == [0, 15, 30]
+    # the untrained prior (step 0, the SFT model's own likelihood) beside it, on the same pairs
+    assert result.metrics["val_prior_pair_acc"] == result.tables["eval_curve"][0]["val_pair_acc"]
+    (row,) = [r for r in result.tables["versus_prior"] if r["pairs"] == "all"]
+    assert row["prior"] == pytest.approx(result.metrics["val_prior_pair_acc"]) and row["acc"] == pytest.approx(result.metrics["val_pair_acc"])
+    assert result.metrics["val_pair_gain"] == pytest.approx(row["acc"] - row["prior"]) and row["gain_over_prior_ci95"] >= 0
     out = ctx.output("reward_model")
     rm, tok = RewardModel.from_pretrained(out), Tokenizer.load(out)
     prompt = [{"role": "user", "content": "Just c."}]  # a held-out phrasing
@@ -47,6 +53,18 @@ def test_reward_learns_which_letter_was_asked(world, tmp_path):
     cfg = reward.Config(max_steps=80, batch_size=16, lr=3e-3, eval_every=80, ckpt_every=80)
     result = reward.run(cfg, {"sft": world["sft"], "prefs": world["prefs"]}, make_ctx(tmp_path))
     assert result.metrics["val_pair_acc"] > 0.75, result.summary
+
+
+def test_pair_accuracy_counts_ties_half_and_reports_kinds(world, tmp_path):
+    """A head that cannot tell the replies apart scores chance, 0.5; each kind of pair is reported."""
+    rows = [r | {"kind": "slip" if i % 3 == 0 else "near_miss"} for i, r in enumerate(read_table(world["prefs"].path, "prefs").to_pylist())]
+    write_table(rows, tmp_path / "prefs" / "part-00000.parquet", "prefs")
+    cfg = reward.Config(max_steps=2, batch_size=8, lr=1e-3, eval_every=2, ckpt_every=2)
+    result = reward.run(cfg, {"sft": world["sft"], "prefs": artifact("prefs", tmp_path / "prefs")}, make_ctx(tmp_path / "run"))
+    assert {"val_pair_acc/slip", "val_pair_acc/near_miss", "val_prior_pair_acc/slip", "val_pair_gain/slip",
+            "val_pair_gain_ci95/slip", "val_pair_acc_ci95/near_miss"} <= set(result.metrics)
+    assert {r["pairs"] for r in result.tables["versus_prior"]} == {"all", "near_miss", "slip", "near_miss/letter", "slip/letter"}
+    assert "| slip |" in result.summary and "untrained prior" in result.summary
 
 
 def test_resume_continues_exactly(world, tmp_path):

@@ -9,7 +9,7 @@ from storage import parquet
 from storage.schemas import SCHEMAS
 
 CHAT_ROW = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-            "task": "t", "source": "s", "split": "train"}
+            "task": "t", "source": "s", "split": "train", "key": None}
 
 
 def chat_rows(n: int) -> list[dict]:
