@@ -218,6 +218,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         pub = history[0]
         print(f"note: this report is from an earlier build ({pub.fingerprint}); {stage} would rebuild: {plan.why}", file=sys.stderr)
     report = pub.dir / "report"
+    if args.markdown:  # the README's table, regenerated from the report of this home's run
+        from stages.report.html import markdown_summary
+
+        print(markdown_summary(json.loads((report / "evaluation.json").read_text())))
+        return 0
     print(report / "report.html")
     summary = report / "summary.txt"
     if summary.exists():
@@ -681,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="the family report: its path (report.html) and a text summary",
                        description=cmd_report.__doc__)
     _add_common(p, recipe_default=None)
+    p.add_argument("--markdown", action="store_true", help="print the headline and gates as the README's markdown table")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("show", help="one stage's published artifact")

@@ -600,6 +600,7 @@ def summarize(cfg: Config, data: dict[str, Any], measured: dict[str, Measured], 
                                              ("rag_eval", ("docqa_", "answer_in")))
                       if name in records}
     ev["funnel"] = funnel({k: records[k] for k in DATA if k in records})
+    ev["decontam"] = (records.get("prompts") or {}).get("tables", {}).get("decontam", [])  # the instruct stage's table
     ev["curves"] = training_curves
     present = {m for m in MEMBERS if m in records or m in sizes}
     ev["members"] = {m: {"what": what, "status": "measured" if m in measured else "recorded" if m in present else "absent"}

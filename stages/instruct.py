@@ -92,11 +92,13 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Literal
 
+from stages.chat.decontam import KINDS, NGRAM, SPLITS, TRAIN_SETS, decontamination, prompt_key, row_prompt
 from stages.chat.docqa import Entry, parse_pydoc, questions
 from stages.chat.importers import DataImportError, Example, import_file, parse_spec, to_row
 from stages.chat.verifiers import verify
+from stages.chat.worked import count_work, letters, near_miss, pick_slips, slip_work, slips_of, work
 from stages.contract import StageContext, StageError, StageResult, main
 from storage.artifacts import Artifact
 from storage.parquet import ShardWriter, count_rows, iter_rows
@@ -105,7 +107,6 @@ INPUTS = ("docs_clean",)
 OUTPUTS = ("chat", "prefs", "prompts")
 INPUT_FILES = ("chat_files", "prefs_files", "prompts_files")  # user datasets: content in the fingerprint
 SOURCE = "instruct"
-KINDS = ("chat", "prefs", "prompts")
 
 # used when the corpus has too few plain lowercase words of its own (a tiny or non-English corpus)
 FALLBACK_WORDS = (
@@ -168,13 +169,6 @@ class Item:
 
 # -- splits ---------------------------------------------------------------------------------------------
 
-SPLITS = ("train", "val", "test")  # in precedence order: a problem in train and in val is train's
-
-
-def prompt_key(prompt: list[dict[str, str]]) -> str:
-    """The canonical key of an item: its prompt turns, whitespace- and case-normalised."""
-    return "\n".join(f"{m['role']}: {' '.join(m['content'].split()).casefold()}" for m in prompt)
-
 
 def text_key(prompt: list[dict[str, str]]) -> str:
     """The equivalence key of a prompt that no generator wrote (a user's): a hash of its normalised text."""
@@ -186,14 +180,6 @@ def split_of(key: str, val_frac: float, test_frac: float) -> str:
     1 - test_frac. At opposite ends, so changing one fraction never moves the other's problems."""
     u = int(hashlib.sha256(key.encode()).hexdigest()[:16], 16) / 2**64
     return "val" if u < val_frac else "test" if u >= 1.0 - test_frac else "train"
-
-
-def row_prompt(row: dict[str, Any], kind: str) -> list[dict[str, str]]:
-    """A row's prompt turns; for chat, everything before the last assistant turn."""
-    if kind != "chat":
-        return row["prompt"]
-    last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-    return row["messages"][:last]
 
 
 def assign_splits(rows: dict[str, list[dict[str, Any]]], val_frac: float, test_frac: float) -> Counter:
@@ -227,14 +213,6 @@ def assign_splits(rows: dict[str, list[dict[str, Any]]], val_frac: float, test_f
 # -- sampling helpers ------------------------------------------------------------------------------------
 
 
-def near_miss(value: int, rng: random.Random, low: int | None = None) -> int:
-    """A number a little off `value` (never equal to it, never below `low`)."""
-    while True:
-        wrong = value + rng.choice([-1, 1]) * rng.choice([1, 1, 2, 3, 10])
-        if wrong != value and (low is None or wrong >= low):
-            return wrong
-
-
 def unique_items(make: Callable[[random.Random], Item | None], n: int, rng: random.Random) -> list[Item]:
     """n items with distinct questions from `make(rng)` (fewer when the space runs out)."""
     items: dict[str, Item] = {}
@@ -248,115 +226,7 @@ def unique_items(make: Callable[[random.Random], Item | None], n: int, rng: rand
     return list(items.values())
 
 
-# -- worked arithmetic ------------------------------------------------------------------------------------
-
-
-def digits(n: int, width: int) -> list[int]:
-    """The digits of n >= 0 from the ones up, padded with zeros to `width`."""
-    return [int(c) for c in reversed(str(n).zfill(width))]
-
-
-def column_work(a: int, b: int, op: str, slip: tuple[int, str] | None = None) -> tuple[str, int]:
-    """Column addition or subtraction (a >= b) from the ones up, the way it is taught at school, and its
-    result. The last line restates the sum, so its last number is the answer.
-
-    47 + 58 -> "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
-    85 - 47 -> "15 - 7 = 8, borrow 1. 8 - 1 - 4 = 3. 85 - 47 = 38"
-
-    With `slip` = (column from the ones, how), one slip there that every later step follows: "drop"
-    leaves the carry or borrow out (neither written nor taken on), "up" / "down" writes the column's
-    result one more / less. 47 + 58 with (0, "drop") -> "7 + 8 = 15. 4 + 5 = 9. 47 + 58 = 95".
-    """
-    width = len(str(max(a, b)))
-    steps, out, carry = [], [], 0
-    for i, (x, y) in enumerate(zip(digits(a, width), digits(b, width))):
-        how = slip[1] if slip is not None and slip[0] == i else ""
-        nudge = {"up": 1, "down": -1}.get(how, 0)
-        if op == "+":
-            s = x + y + carry + nudge
-            carry_out = s // 10 if how != "drop" else 0
-            steps.append(f"{x} + {y}{f' + {carry}' if carry else ''} = {s}{', carry 1' if carry_out else ''}")
-            out.append(s % 10)
-        else:
-            borrow = int(x - carry < y)
-            top = x + 10 * borrow
-            d = top - carry - y + nudge
-            carry_out = borrow if how != "drop" else 0
-            steps.append(f"{top}{f' - {carry}' if carry else ''} - {y} = {d}{', borrow 1' if carry_out else ''}")
-            out.append(d)
-        carry = carry_out
-    if op == "+" and carry:
-        out.append(carry)
-    result = int("".join(str(d) for d in reversed(out)))
-    return ". ".join(steps) + f". {a} {op} {b} = {result}", result
-
-
-def column_slips(a: int, b: int, op: str) -> list[tuple[int, str]]:
-    """Every slip column_work can make in a op b: a carry or borrow dropped where one is taken (a carry
-    out of the top column is the result's first digit, not dropped), a column's digit one up or down
-    where it stays a digit (a sum up to 19)."""
-    width = len(str(max(a, b)))
-    slips, carry = [], 0
-    for i, (x, y) in enumerate(zip(digits(a, width), digits(b, width))):
-        if op == "+":
-            value, top = x + y + carry, 19
-            takes = value >= 10 and i < width - 1
-            carry = value // 10
-        else:
-            borrow = int(x - carry < y)
-            value, top, takes = x + 10 * borrow - carry - y, 9, bool(borrow)
-            carry = borrow
-        slips += [(i, how) for how, ok in (("drop", takes), ("up", value < top), ("down", value > 0)) if ok]
-    return slips
-
-
-def product_work(a: int, b: int, slip: tuple[int, int] | None = None) -> tuple[str, int]:
-    """a * b by partial products of b's digits: "347 * 58 = 347 * 8 + 347 * 50 = 2776 + 17350 = 20126";
-    a one-digit b is a single line. With `slip` = (part, error), that partial product is written off by
-    `error` and the sum adds what was written."""
-    parts = [(int(d) * 10**k, a * int(d) * 10**k) for k, d in enumerate(reversed(str(b))) if d != "0"]
-    if slip is not None:
-        parts[slip[0]] = (parts[slip[0]][0], parts[slip[0]][1] + slip[1])
-    result = sum(v for _, v in parts)
-    if len(parts) == 1:
-        return f"{a} * {b} = {result}", result
-    return (f"{a} * {b} = " + " + ".join(f"{a} * {m}" for m, _ in parts) + " = "
-            + " + ".join(str(v) for _, v in parts) + f" = {result}"), result
-
-
-def product_slips(a: int, b: int) -> list[tuple[int, int]]:
-    """Every slip product_work can make: one digit of one partial product one up or down (not its
-    trailing zeros, which the multiplier's place fixes); none for a one-line product."""
-    parts = [(k, a * int(d) * 10**k) for k, d in enumerate(reversed(str(b))) if d != "0"]
-    if len(parts) < 2:
-        return []
-    slips = []
-    for j, (k, v) in enumerate(parts):
-        for place in range(k, len(str(v))):
-            digit = v // 10**place % 10
-            slips += [(j, sign * 10**place) for sign, ok in ((1, digit < 9), (-1, digit > 0)) if ok
-                      and len(str(v + sign * 10**place)) == len(str(v))]  # one digit changes, not the length
-    return slips
-
-
-def slips_of(a: int, op: str, b: int) -> list[tuple[int, Any]]:
-    """Every slip the worked reply of a op b can make (column_slips, product_slips)."""
-    return product_slips(a, b) if op == "*" else column_slips(a, b, op)
-
-
-def slip_work(a: int, op: str, b: int, slip: tuple[int, Any]) -> tuple[str, int]:
-    """The worked reply of a op b with `slip` (one of slips_of) and its wrong result."""
-    return product_work(a, b, slip) if op == "*" else column_work(a, b, op, slip)
-
-
-def pick_slips(options: list[Any], n: int, rng: random.Random) -> list[Any]:
-    """n distinct slips of `options`; each a dropped carry or borrow half the time when one is left."""
-    left, picked = list(options), []
-    while left and len(picked) < n:
-        drops = [o for o in left if o[-1] == "drop"]
-        picked.append(rng.choice(drops if drops and rng.random() < 0.5 else left))
-        left.remove(picked[-1])
-    return picked
+# -- the tasks ------------------------------------------------------------------------------------------
 
 
 def expression(x: int | str, op: str, y: int) -> str:
@@ -364,37 +234,6 @@ def expression(x: int | str, op: str, y: int) -> str:
     if op in "+*":
         x, y = sorted((str(x), str(y)))
     return f"{x}{op}{y}"
-
-
-def work(a: int, op: str, b: int, worked: bool, rng: random.Random | None = None) -> tuple[str, int]:
-    """The reply for a op b (op in "+-*", a >= b for "-"): worked out when `worked`, else "a op b = r".
-
-    With `rng`, a plausible wrong reply instead: the same work with a result a little off at the end
-    (a near miss), so the only tokens that differ from the right reply are the wrong result's. A slip
-    inside the work carried through to the end is the other kind of wrong reply (slip_work): every
-    token after it follows correctly from it, so a trainer that pushes the whole rejected reply down
-    pushes down building on one's own steps too (it once cost DPO 39 points of arithmetic accuracy on
-    tiny; with DPO's NLL term, training on slips beside near misses moved held-out arith and wordprob
-    by -1.7 and -4.8 points against near misses alone, within noise; dpo.train_kinds chooses).
-    """
-    right = {"+": a + b, "-": a - b, "*": a * b}[op]
-    if not worked:
-        text = f"{a} {op} {b} = {right}"
-    else:
-        text, _ = product_work(a, b) if op == "*" else column_work(a, b, op)
-    if rng is None:
-        return text, right
-    wrong = near_miss(right, rng, low=0)
-    return text.rsplit("=", 1)[0] + f"= {wrong}", wrong
-
-
-# -- the tasks ------------------------------------------------------------------------------------------
-
-
-def letters(word: str, apart: bool) -> str:
-    """A word as the model reads it in letter tasks: "p y t h o n" when `apart`, so every letter is
-    a token of its own (a BPE token hides its letters: the "strawberry" problem)."""
-    return " ".join(word) if apart else word
 
 
 def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*", worked: bool = True,
@@ -409,20 +248,6 @@ def arith_item(rng: random.Random, max_operand: int = 999, ops: str = "+-*", wor
     slips = [slip_work(a, op, b, s)[0] for s in pick_slips(slips_of(a, op, b), slip_pairs, sub)] if worked else []
     return Item("arith", f"What is {a} {op} {b}?", reply, rejected, str(result), "numeric",
                 "expr:" + expression(a, op, b), tuple(slips))
-
-
-def count_work(word: str, letter: str, slip: int | None = None) -> str:
-    """A letter count written out as a running tally: each letter of the word next to the letter
-    asked about, then the number of matches so far ("n u 0, u u 1, l u 1, l u 1" for "u" in "null").
-    Writing the two letters side by side makes each step a comparison of neighbouring tokens; with
-    the sought letter only in the question ("n 0, u 1, ...") a 1.3M-parameter model copied the letters
-    but never counted (every tally 0). With `slip`, the letter at that index is miscounted (a match
-    missed, or another letter counted) and the tally goes on from there: "n u 0, u u 0, l u 0, l u 0"."""
-    tally, steps = 0, []
-    for i, c in enumerate(word):
-        tally += (c == letter) != (i == slip)
-        steps.append(f"{c} {letter} {tally}")
-    return ", ".join(steps)
 
 
 def count_item(rng: random.Random, words: list[str], apart: bool = True, worked: bool = True,
@@ -543,21 +368,26 @@ def wordprob_item(rng: random.Random, ops: str = "+-*", worked: bool = True, sli
     return Item("wordprob", question, reply, rejected, str(result), "numeric", "expr:" + key, tuple(slips))
 
 
-def docqa_items(entries: list[Entry], rng: random.Random) -> list[Item]:
+def docqa_items(entries: list[Entry], rng: random.Random, held_out: Callable[[str], bool] = lambda key: False) -> list[Item]:
     """One item per docqa question; rejected is another question's answer of the same type or the
-    answer cut short. The questions about one entry share its key ("docqa:json:dumps")."""
+    answer cut short. The questions about one entry share its key ("docqa:json:dumps"). Another
+    question's answer is drawn only from answers no `held_out` (val or test) entry has, so no train
+    preference pair pushes down a held-out question's answer."""
     qas = questions(entries)
     entry_of: dict[str, str] = {}
     for e in entries:  # "Which module provides dumps?" is asked only when one entry defines the name
         for qa in questions([e]):
             entry_of.setdefault(qa.question, f"docqa:{e.module}:{e.name}")
+    held_answers = {qa.answer for qa in qas if held_out(entry_of[qa.question])}  # two modules' entries may share one
     by_type: dict[str, list[str]] = {}
     for qa in qas:
-        by_type.setdefault(qa.qtype, []).append(qa.answer)
+        if qa.answer not in held_answers:
+            by_type.setdefault(qa.qtype, []).append(qa.answer)
     items = []
     for qa in qas:
         words = qa.answer.split()
-        others = [a for a in rng.sample(by_type[qa.qtype], min(5, len(by_type[qa.qtype]))) if a != qa.answer]
+        pool = by_type.get(qa.qtype, [])
+        others = [a for a in rng.sample(pool, min(5, len(pool))) if a != qa.answer]
         if len(words) >= 6 and (rng.random() < 0.5 or not others):
             rejected = " ".join(words[: len(words) // 2])
         elif others:
@@ -595,7 +425,7 @@ def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[
     def rng(task: str) -> random.Random:
         return random.Random(f"{cfg.seed}:{task}")
 
-    docqa = docqa_items(entries, rng("docqa"))
+    docqa = docqa_items(entries, rng("docqa"), lambda key: split_of(key, cfg.val_frac, cfg.test_frac) != "train")
     if len(docqa) > cfg.max_docqa:
         docqa = rng("docqa-sample").sample(docqa, cfg.max_docqa)
     counts = {"arith": cfg.n_arith, "count": cfg.n_count, "string": cfg.n_string, "wordprob": cfg.n_wordprob}
@@ -622,93 +452,6 @@ def item_rows(item: Item) -> dict[str, list[dict[str, Any]]]:
                   for e, kind in [(ex, "near_miss")] + [(e, "slip") for e in slips]],
         "prompts": [to_row(ex, "prompts", SOURCE) | {"key": item.key}] if item.verifier else [],
     }
-
-
-# -- decontamination --------------------------------------------------------------------------------------
-
-TOKEN = re.compile(r"\w+|[^\w\s]")  # words and single symbols: "47 + 58" and "47 - 58" are other texts
-NGRAM, MIN_RUN = 13, 8  # GPT-3's contamination check (Brown et al. 2020, appendix C): 13-grams, at least 8 words
-TRAIN_SETS = ("sft_chat", "prefs", "rl_prompts", "corpus")
-TextRow = tuple[str | None, str | None, list[str]]  # (prompt key, equivalence key, texts: turns, reference reply)
-
-
-def row_texts(row: dict[str, Any], kind: str) -> list[str]:
-    """Every turn of a row: chat messages; prefs prompt, chosen and rejected; the prompt and its answer."""
-    turns = row["messages"] if kind == "chat" else row["prompt"] + (row["chosen"] + row["rejected"] if kind == "prefs" else [])
-    return [m["content"] for m in turns] + ([row["answer"] or ""] if kind == "prompts" else [])
-
-
-def eval_examples(rows: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str], list[TextRow]]:
-    """The held-out examples by (split, task), one per prompt: its turns and its reference reply (the
-    chat reply first, else prefs' chosen, else the prompts row's answer)."""
-    out: dict[tuple[str, str], dict[str, TextRow]] = {}
-    for kind in KINDS:
-        for r in rows[kind]:
-            if r["split"] != "train":
-                prompt = row_prompt(r, kind)
-                reference = ([m["content"] for m in r["messages"][len(prompt):]] if kind == "chat" else
-                             [m["content"] for m in r["chosen"]] if kind == "prefs" else [r["answer"] or ""])
-                group = out.setdefault((r["split"], r.get("task") or r["source"]), {})
-                group.setdefault(prompt_key(prompt), (prompt_key(prompt), r["key"], [m["content"] for m in prompt] + reference))
-    return {k: list(v.values()) for k, v in sorted(out.items())}
-
-
-def overlaps(examples: list[TextRow], train: Iterable[TextRow]) -> tuple[list[bool], list[bool], list[bool]]:
-    """For each example: whether a train example has its prompt, its key, and a run of words of one of
-    its texts: a 13-gram, or a whole text of 8 to 12 words (a shorter one, "4" or "json", is in any
-    text by chance)."""
-    grams: dict[tuple[str, ...], list[int]] = {}
-    short: list[tuple[str, int]] = []
-    for i, (_, _, texts) in enumerate(examples):
-        for text in texts:
-            words = tuple(TOKEN.findall(text.casefold()))
-            if MIN_RUN <= len(words) < NGRAM:
-                short.append((f" {' '.join(words)} ", i))
-            for j in range(len(words) - NGRAM + 1):
-                grams.setdefault(words[j:j + NGRAM], []).append(i)
-    prompts, keys, joined, hit = set(), set(), [], [False] * len(examples)
-    for prompt, key, texts in train:
-        prompts.add(prompt)
-        keys.add(key)
-        for text in texts:
-            words = TOKEN.findall(text.casefold())
-            joined.append(f" {' '.join(words)} ")
-            for j in range(len(words) - NGRAM + 1):
-                for i in grams.get(tuple(words[j:j + NGRAM]), ()):
-                    hit[i] = True
-    everything = "\n".join(joined)  # " a b " is a run of words of one text: it never spans two
-    for needle, i in short:
-        hit[i] = hit[i] or needle in everything
-    return [p in prompts for p, _, _ in examples], [k in keys for _, k, _ in examples], hit
-
-
-def decontamination(rows: dict[str, list[dict[str, Any]]], docs_path: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """One table row per held-out (split, task) and train set, and the metrics: held-out examples whose
-    prompt or key is in any instruct train set (0 by construction), and the share of each split's
-    examples with a 13-gram in each train set. The corpus has no prompts or keys: its n-grams only."""
-    def train_rows(kind: str) -> Iterator[TextRow]:
-        return ((prompt_key(row_prompt(r, kind)), r["key"], row_texts(r, kind)) for r in rows[kind] if r["split"] == "train")
-
-    sources = {"sft_chat": lambda: train_rows("chat"), "prefs": lambda: train_rows("prefs"),
-               "rl_prompts": lambda: train_rows("prompts"),
-               "corpus": lambda: ((None, None, [d["text"] or ""]) for d in iter_rows(docs_path, columns=["text"]))}
-    flat = [(split, task, ex) for (split, task), exs in eval_examples(rows).items() for ex in exs]
-    found = {name: overlaps([ex for _, _, ex in flat], make()) for name, make in sources.items()}  # one pass each
-    table, metrics = [], {}
-    for split in SPLITS[1:]:
-        held = [i for i, (s, _, _) in enumerate(flat) if s == split]
-        for what, at in (("exact", 0), ("key", 1)):  # in any instruct train set
-            metrics[f"decontam/{split}_{what}_overlap"] = float(sum(any(found[n][at][i] for n in TRAIN_SETS[:3]) for i in held))
-        for name in TRAIN_SETS:
-            metrics[f"decontam/{split}_13gram_overlap/{name}"] = sum(found[name][2][i] for i in held) / max(1, len(held))
-            for task in sorted({flat[i][1] for i in held}):
-                idx = [i for i in held if flat[i][1] == task]
-                corpus = name == "corpus"
-                table.append({"split": split, "task": task, "train_set": name, "examples": len(idx),
-                              "exact": None if corpus else sum(found[name][0][i] for i in idx),
-                              "key": None if corpus else sum(found[name][1][i] for i in idx),
-                              "ngram13": sum(found[name][2][i] for i in idx)})
-    return table, metrics
 
 
 # -- the stage --------------------------------------------------------------------------------------------

@@ -174,6 +174,19 @@ def cards_section(ev: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def decontam_section(ev: dict[str, Any]) -> str:
+    rows = ev.get("decontam") or []
+    if not rows:
+        return "<p class='note'>no decontamination table (the prompts are not from the instruct stage)</p>"
+    body = [[esc(r["split"]), esc(r["task"]), esc(r["train_set"]), r["examples"], "-" if r["exact"] is None else r["exact"],
+             "-" if r["key"] is None else r["key"], f"{r['ngram13']} ({r['ngram13'] / max(1, r['examples']):.0%})"]
+            for r in rows]
+    return ("<p>Every held-out example (val and test, per task) against every train set: the same prompt (exact), the "
+            "same problem (equivalence key), and any shared 13-gram of words. Exact and key overlaps are 0 by "
+            "construction; 13-grams count shared template phrasing too, and closed-book docqa recalls the corpus by "
+            "design.</p>" + table(["split", "task", "train set", "examples", "exact", "key", "13-gram"], body))
+
+
 def lm_eval_section(ev: dict[str, Any]) -> str:
     le = ev.get("lm_eval") or {}
     if not le:
@@ -198,7 +211,7 @@ def render(ev: dict[str, Any]) -> str:
     sections = [("Promotion gates", gates_section), ("Headline: every member on the test split", headline_section),
                 ("Paired deltas along the lineage", deltas_section), ("Chat line: accuracy per task", accuracy_section),
                 ("Quantization", quant_section), ("Retrieval", retrieval_section), ("Vision-language", vl_section),
-                ("A third-party evaluator (lm-eval)", lm_eval_section),
+                ("A third-party evaluator (lm-eval)", lm_eval_section), ("Decontamination", decontam_section),
                 ("Training curves", curves_section), ("Data funnel", funnel_section), ("Model cards", cards_section),
                 ("Recorded by the members' stages (not test)", recorded_section)]
     body = "".join(f"<h2>{esc(title)}</h2>{fn(ev)}" for title, fn in sections)

@@ -121,6 +121,9 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
     out = capsys.readouterr().out
     html = Path(out.splitlines()[0])
     assert html.name == "report.html" and "<img " in html.read_text() and "PASS grpo/acc" in out
+    assert cli(["report", "--markdown", "--home", str(home.root)]) == 0  # the README's table, from the report
+    table = capsys.readouterr().out
+    assert "| member | figure | value [95%] | baseline |" in table and "| grpo | acc |" in table
 
     client = MlflowClient(home.mlflow_uri)
     aliases = {m.name: dict(m.aliases) for m in client.search_registered_models()}

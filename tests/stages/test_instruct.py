@@ -19,6 +19,7 @@ import pytest
 import trafilatura
 
 from stages import instruct
+from stages.chat import worked
 from stages.chat.docqa import module_name, parse_pydoc, questions
 from stages.chat.verifiers import verify
 from stages.contract import StageError
@@ -133,7 +134,7 @@ def test_generated_answers_are_right():
 
 
 def test_worked_counting_keeps_a_true_tally():
-    assert instruct.count_work("null", "u") == "n u 0, u u 1, l u 1, l u 1"
+    assert worked.count_work("null", "u") == "n u 0, u u 1, l u 1, l u 1"
     rng = random.Random(2)
     items = instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana", "strawberry"]), 100, rng)
     for it in items:
@@ -181,18 +182,18 @@ def check_column_work(text: str, a: int, op: str, b: int) -> int:
 
 
 def test_worked_arithmetic_is_school_column_arithmetic():
-    assert instruct.column_work(47, 58, "+")[0] == "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
-    assert instruct.column_work(85, 47, "-")[0] == "15 - 7 = 8, borrow 1. 8 - 1 - 4 = 3. 85 - 47 = 38"
-    assert instruct.column_work(305, 47, "-")[0] == ("15 - 7 = 8, borrow 1. 10 - 1 - 4 = 5, borrow 1. 3 - 1 - 0 = 2. "
+    assert worked.column_work(47, 58, "+")[0] == "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
+    assert worked.column_work(85, 47, "-")[0] == "15 - 7 = 8, borrow 1. 8 - 1 - 4 = 3. 85 - 47 = 38"
+    assert worked.column_work(305, 47, "-")[0] == ("15 - 7 = 8, borrow 1. 10 - 1 - 4 = 5, borrow 1. 3 - 1 - 0 = 2. "
                                                     "305 - 47 = 258")
-    assert instruct.product_work(347, 58)[0] == "347 * 58 = 347 * 8 + 347 * 50 = 2776 + 17350 = 20126"
-    assert instruct.product_work(34, 7)[0] == "34 * 7 = 238"
+    assert worked.product_work(347, 58)[0] == "347 * 58 = 347 * 8 + 347 * 50 = 2776 + 17350 = 20126"
+    assert worked.product_work(34, 7)[0] == "34 * 7 = 238"
     rng = random.Random(0)
     for _ in range(2000):
         a, b = rng.randint(0, 9999), rng.randint(0, 9999)
-        assert check_column_work(instruct.column_work(a, b, "+")[0], a, "+", b) == a + b
+        assert check_column_work(worked.column_work(a, b, "+")[0], a, "+", b) == a + b
         a, b = max(a, b), min(a, b)
-        assert check_column_work(instruct.column_work(a, b, "-")[0], a, "-", b) == a - b
+        assert check_column_work(worked.column_work(a, b, "-")[0], a, "-", b) == a - b
 
 
 def test_worked_rejected_replies_differ_only_in_the_result():
@@ -202,8 +203,8 @@ def test_worked_rejected_replies_differ_only_in_the_result():
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         a, b = max(a, b), min(a, b)
         for op in "+-*":
-            right, value = instruct.work(a, op, b, worked=True)
-            wrong, result = instruct.work(a, op, b, worked=True, rng=rng)
+            right, value = worked.work(a, op, b, worked=True)
+            wrong, result = worked.work(a, op, b, worked=True, rng=rng)
             assert value == eval(f"{a} {op} {b}") and result != value  # noqa: S307 - our own two integers
             assert wrong == right.removesuffix(str(value)) + str(result)
     for it in instruct.unique_items(lambda r: instruct.wordprob_item(r, "+-*"), 100, rng):
@@ -258,18 +259,18 @@ def read_slipped_column_work(text: str, a: int, op: str, b: int) -> tuple[int, i
 
 def test_slipped_column_work_is_one_slip_carried_through():
     """Each slip breaks one step; every later step follows from it, the result is what the steps give."""
-    assert instruct.column_work(47, 58, "+", (0, "drop"))[0] == "7 + 8 = 15. 4 + 5 = 9. 47 + 58 = 95"
-    assert instruct.column_work(85, 47, "-", (0, "drop"))[0] == "15 - 7 = 8. 8 - 4 = 4. 85 - 47 = 48"
-    assert instruct.column_work(47, 58, "+", (1, "up"))[0] == "7 + 8 = 15, carry 1. 4 + 5 + 1 = 11, carry 1. 47 + 58 = 115"
-    assert instruct.column_slips(47, 58, "+") == [(0, "drop"), (0, "up"), (0, "down"), (1, "up"), (1, "down")]
+    assert worked.column_work(47, 58, "+", (0, "drop"))[0] == "7 + 8 = 15. 4 + 5 = 9. 47 + 58 = 95"
+    assert worked.column_work(85, 47, "-", (0, "drop"))[0] == "15 - 7 = 8. 8 - 4 = 4. 85 - 47 = 48"
+    assert worked.column_work(47, 58, "+", (1, "up"))[0] == "7 + 8 = 15, carry 1. 4 + 5 + 1 = 11, carry 1. 47 + 58 = 115"
+    assert worked.column_slips(47, 58, "+") == [(0, "drop"), (0, "up"), (0, "down"), (1, "up"), (1, "down")]
     rng, kinds = random.Random(4), set()
     for _ in range(400):
         a, b = rng.randint(10, 9999), rng.randint(10, 9999)
         for op in "+-":
             a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
-            right, value = instruct.column_work(a, b, op)
-            for column, how in instruct.column_slips(a, b, op):
-                text, result = instruct.column_work(a, b, op, (column, how))
+            right, value = worked.column_work(a, b, op)
+            for column, how in worked.column_slips(a, b, op):
+                text, result = worked.column_work(a, b, op, (column, how))
                 assert read_slipped_column_work(text, a, op, b) == (column, result) and result != value >= 0
                 assert text.split(". ")[:column] == right.split(". ")[:column]  # right up to the slip
                 kinds.add(how)
@@ -277,15 +278,15 @@ def test_slipped_column_work_is_one_slip_carried_through():
 
 
 def test_slipped_products_and_tallies():
-    assert instruct.product_work(347, 58, (0, 10))[0] == "347 * 58 = 347 * 8 + 347 * 50 = 2786 + 17350 = 20136"
-    assert instruct.product_slips(34, 7) == []  # one line: nothing to slip in
-    for part, error in instruct.product_slips(347, 58):
-        text, result = instruct.product_work(347, 58, (part, error))
+    assert worked.product_work(347, 58, (0, 10))[0] == "347 * 58 = 347 * 8 + 347 * 50 = 2786 + 17350 = 20136"
+    assert worked.product_slips(34, 7) == []  # one line: nothing to slip in
+    for part, error in worked.product_slips(347, 58):
+        text, result = worked.product_work(347, 58, (part, error))
         parts = [int(v) for v in text.split(" = ")[2].split(" + ")]
         assert result == sum(parts) != 347 * 58 and parts[part] - error == [2776, 17350][part]
         assert str(parts[part])[-1 - (part == 1):] == str([2776, 17350][part])[-1 - (part == 1):] or abs(error) >= 10 ** part
-    assert instruct.count_work("null", "u", 1) == "n u 0, u u 0, l u 0, l u 0"  # the match missed
-    assert instruct.count_work("null", "u", 0) == "n u 1, u u 2, l u 2, l u 2"  # a mismatch counted
+    assert worked.count_work("null", "u", 1) == "n u 0, u u 0, l u 0, l u 0"  # the match missed
+    assert worked.count_work("null", "u", 0) == "n u 1, u u 2, l u 2, l u 2"  # a mismatch counted
     items = instruct.unique_items(lambda r: instruct.count_item(r, ["mississippi", "banana"], slip_pairs=3), 40, random.Random(5))
     for it in items:
         if it.question.startswith("How many times"):
@@ -517,6 +518,10 @@ def test_real_output_test_split_shares_no_prompt_and_no_problem_with_any_train_s
     assert all(r["exact"] == r["key"] == 0 for r in table.values() if r["train_set"] != "corpus")
     assert table[("test", "docqa", "corpus")]["ngram13"] > 0 == table[("test", "arith", "corpus")]["ngram13"]
     assert 0 < result.metrics["decontam/test_13gram_overlap/corpus"] < 1
+    # no train preference pair rejects a held-out docqa question's answer (it would push that answer down)
+    held = {r["chosen"][-1]["content"] for r in rows["prefs"] if r["task"] == "docqa" and r["split"] != "train"}
+    rejected = [r["rejected"][-1]["content"] for r in rows["prefs"] if r["task"] == "docqa" and r["split"] == "train"]
+    assert held and rejected and not held & set(rejected)
 
 
 def test_stage_is_deterministic_and_held_out_prompts_do_not_depend_on_seed(tmp_path, corpus):
