@@ -47,10 +47,9 @@ Proof it looks, on `test` (never trained on, nothing chosen by it) and `test_com
 pairs no train row shows), at most `eval_per_task` questions per task with every answer equally
 often (`balanced_per_task`): acc/<task> (greedy answer equals the
 reference, case and trailing punctuation ignored) with its 95% half-width acc_ci95/<task>;
-comp_acc/<task>; blind_acc/<task>, the same questions each shown the image of another test row of
-its task drawn without looking at the answers (`shuffle_partners`): what a model gets from the
-question and the answers' spread alone, which for a model that reads the image is the answer prior
-(sum_a p_a^2, the majority rate of a uniform task); blank_acc/<task>, an empty white scene (the
+comp_acc/<task>; blind_acc/<task>, the same questions each shown the image of one other test row per
+answer of its task (`blind_partners`): what a model gets from the question alone, which for a model
+that reads the image is 1 / answers, the majority rate of the balanced set; blank_acc/<task>, an empty white scene (the
 background with no object: out of distribution, so a model that looks may answer anything, often
 no valid answer; reported, not the blind figure, and never trained on); swap_acc/<task>, with the
 image of another test row whose answer differs (a model that looks gets ~0); majority_acc/<task>,
@@ -118,7 +117,6 @@ GPU = True
 IGNORE = -100
 PHASES = ("vit", "align", "instruct")
 COMP_TASKS = ("colour", "shape", "count", "position", "relation")
-BLIND_SHIFTS = (2, 3, 5, 7, 11, 13)  # blind_acc: each test question with six other images of its task
 
 
 @dataclass(frozen=True)
@@ -221,20 +219,25 @@ def majority_answers(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {t: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for t, c in counts.items()}
 
 
-def shuffle_partners(rows: list[dict[str, Any]], div: int = 2) -> list[int]:
-    """For each row, the row 1/div of the way round its task's rows (cyclically): another image of the
-    task, chosen without looking at its answer, so a model that reads the image scores what the
-    answers' spread allows (sum_a p_a^2, the chance level of a uniform task) and a blind one the same.
-    The stage averages div = 2, 3, 5, 7: one shift of 100 rows matched answers 0.16-0.36 of the time
-    on a four-answer task."""
+def blind_partners(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(row, partner) pairs: each row with the image of one other row of its task per answer of the
+    task (the first after it, cyclically, with that answer). The partners' answers are uniform by
+    construction, so a model that reads the image scores exactly 1 / answers (the majority rate of
+    an answer-balanced set), and one that answers from the question alone scores what the question
+    tells it. Shifting the rows cyclically instead (the first version) left a reader's score to which
+    answers the shifts happened to pair: 0.20 against 0.25 on count."""
     by_task: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         by_task.setdefault(r["task"], []).append(i)
-    out = list(range(len(rows)))
+    pairs = []
     for idx in by_task.values():
+        answers = sorted({rows[i]["answer"] for i in idx})
         for k, i in enumerate(idx):
-            out[i] = idx[(k + max(1, len(idx) // div)) % len(idx)]
-    return out
+            for a in answers:
+                j = next((idx[(k + step) % len(idx)] for step in range(1, len(idx)) if rows[idx[(k + step) % len(idx)]]["answer"] == a), None)
+                if j is not None:
+                    pairs.append((i, j))
+    return pairs
 
 
 def balanced_per_task(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -444,8 +447,8 @@ def summarize(cfg: Config, derived: dict[str, Any], metrics: dict[str, float], c
              f"({derived['align_steps']} align steps), instruct {derived['instruct_steps']} steps with "
              f"{derived['lora']} ({derived['trainable_params'] / 1e3:.0f}k trainable); {derived['image_tokens']} image tokens "
              f"per {derived['image_size']}px image; stopped by {stop}."), "",
-             ("Held-out image questions (test; comp = colour x shape pairs never trained on; blind = the image of "
-             "another row of the task, drawn without looking at its answer; blank = an empty white scene; "
+             ("Held-out image questions (test; comp = colour x shape pairs never trained on; blind = the images of "
+             "other rows of the task, one per answer; blank = an empty white scene; "
              "swap = another image with another answer):"), "",
              "| " + " | ".join(table[0]) + " |" if table else "", "|" + "---|" * (len(cols) + 2) if table else ""]
     lines += ["| " + " | ".join(fmt(r[k]) for k in r) + " |" for r in table]
@@ -673,11 +676,11 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     metrics: dict[str, float] = dict(measured)
     ctx.progress(0, 6, "vl: evaluation")
     test = qrows["test"]
+    blind = blind_partners(test)
     results = {}
     for name, rows_, f in (("acc", test, feats[[r["img"] for r in test]]),
                            ("comp_acc", [r for r in qrows["test_comp"] if r["task"] in COMP_TASKS], None),
-                           ("blind_acc", test * len(BLIND_SHIFTS), feats[[test[j]["img"] for div in BLIND_SHIFTS
-                                                                           for j in shuffle_partners(test, div)]]),
+                           ("blind_acc", [test[i] for i, _ in blind], feats[[test[j]["img"] for _, j in blind]]),
                            ("blank_acc", test, feats[[blank_idx] * len(test)]),
                            ("swap_acc", test, feats[[test[j]["img"] for j in swap_partners(test)]]),
                            ("val_acc", qrows["val"], feats[[r["img"] for r in qrows["val"]]])):

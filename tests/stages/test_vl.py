@@ -35,8 +35,9 @@ def test_pure_functions_by_hand():
     t = V.attribute_targets([{"colour": "red", "shape": "circle"}, {"word": "cat"}, {"colour": "pink"}],
                             {"shape": ["circle", "square"], "colour": ["blue", "red"], "word": ["cat"]})
     assert t.tolist() == [[1, 0, -100], [-100, -100, 0], [-100, -100, -100]]  # columns: colour, shape, word
-    blind = V.shuffle_partners(rows)
-    assert blind == [2, 3, 0, 1] and V.swap_partners([rows[0]]) == [0]
+    blind = V.blind_partners(rows)  # one partner per answer of the task, never the row itself
+    assert blind == [(0, 2), (0, 1), (0, 3), (1, 2), (1, 3), (2, 0), (2, 1), (2, 3), (3, 0), (3, 1)]
+    assert V.swap_partners([rows[0]]) == [0]
     # balanced: as many of each answer as the rarest allows (and n // answers), kept in input order
     rows = [{"task": "a", "answer": x} for x in "xxxyxy"] + [{"task": "b", "answer": "z"}]
     assert [(r["task"], r["answer"]) for r in V.balanced_per_task(rows, 10)] == [("a", "x"), ("a", "x"), ("a", "y"), ("a", "y"), ("b", "z")]
