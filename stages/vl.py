@@ -47,8 +47,8 @@ Proof it looks, on `test` (never trained on, nothing chosen by it) and `test_com
 pairs no train row shows), at most `eval_per_task` questions per task with every answer equally
 often (`balanced_per_task`): acc/<task> (greedy answer equals the
 reference, case and trailing punctuation ignored) with its 95% half-width acc_ci95/<task>;
-comp_acc/<task>; blind_acc/<task>, the same questions each shown the image of one other test row per
-answer of its task (`blind_partners`): what a model gets from the question alone, which for a model
+comp_acc/<task>; blind_acc/<task>, up to `blind_per_task` test questions (answer-balanced) each
+shown the image of one other test row per answer of its task (`blind_partners`): what a model gets from the question alone, which for a model
 that reads the image is 1 / answers, the majority rate of the balanced set; blank_acc/<task>, an empty white scene (the
 background with no object: out of distribution, so a model that looks may answer anything, often
 no valid answer; reported, not the blind figure, and never trained on); swap_acc/<task>, with the
@@ -158,6 +158,7 @@ class Config(TrainConfig):
     log_every: int = 10
     # evaluation
     eval_per_task: int = 100  # image questions per task and split (test, test_comp, val) that are scored
+    blind_per_task: int = 300  # test questions per task shown other images: blind must be told apart from chance
     max_new_tokens: int = 6  # the longest answer ("bottom right") is a few tokens
     eval_batch_size: int = 128
     text_tasks: tuple[str, ...] = ("arith", "count", "string", "wordprob")
@@ -166,7 +167,8 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         for name in ("patch_size", "vit_d_model", "vit_layers", "vit_heads", "merge", "vit_batch_size", "batch_size",
-                     "max_new_tokens", "eval_batch_size", "text_max_new_tokens", "eval_per_task", "text_max_len"):
+                     "max_new_tokens", "eval_batch_size", "text_max_new_tokens", "eval_per_task", "text_max_len",
+                     "blind_per_task"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("vit_steps", "align_steps", "lora_r", "text_eval_per_task"):
@@ -676,11 +678,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     metrics: dict[str, float] = dict(measured)
     ctx.progress(0, 6, "vl: evaluation")
     test = qrows["test"]
-    blind = blind_partners(test)
+    blind_rows = balanced_per_task([r for r in split["test"] if r["task"] != "caption"], cfg.blind_per_task)
+    blind = blind_partners(blind_rows)
     results = {}
     for name, rows_, f in (("acc", test, feats[[r["img"] for r in test]]),
                            ("comp_acc", [r for r in qrows["test_comp"] if r["task"] in COMP_TASKS], None),
-                           ("blind_acc", [test[i] for i, _ in blind], feats[[test[j]["img"] for _, j in blind]]),
+                           ("blind_acc", [blind_rows[i] for i, _ in blind], feats[[blind_rows[j]["img"] for _, j in blind]]),
                            ("blank_acc", test, feats[[blank_idx] * len(test)]),
                            ("swap_acc", test, feats[[test[j]["img"] for j in swap_partners(test)]]),
                            ("val_acc", qrows["val"], feats[[r["img"] for r in qrows["val"]]])):

@@ -17,11 +17,11 @@ def test_stage_writes_every_task_with_captions_and_splits(tmp_path):
     cfg = build_config(I.Config, {"scenes_per_task": 60}, "images")
     res = I.run(cfg, {}, make_ctx(tmp_path))
     rows = list(iter_rows(tmp_path / "out" / "images"))
-    scenes = 60 * (len(I.TASKS) - 1) + 60 * cfg.word_factor  # word_factor times as many word scenes
+    scenes = 60 * (len(I.TASKS) - 2) + 60 * cfg.word_factor + 60 * cfg.relation_factor  # more word and relation scenes
     assert len(rows) == 2 * scenes and res.metrics["rows"] == len(rows)
     tasks = Counter(r["task"] for r in rows)
-    assert tasks["caption"] == scenes and all(tasks[t] == 60 for t in I.TASKS if t != "word")
-    assert tasks["word"] == 60 * cfg.word_factor
+    assert tasks["caption"] == scenes and all(tasks[t] == 60 for t in I.TASKS if t not in ("word", "relation"))
+    assert tasks["word"] == 60 * cfg.word_factor and tasks["relation"] == 60 * cfg.relation_factor
     assert {r["split"] for r in rows} <= {"train", "val", "test", "test_comp"}
     for r in rows:
         img = Image.open(io.BytesIO(r["image"]))
