@@ -23,12 +23,11 @@ TRAINING_FIELDS = ("max_steps", "epochs", "lr", "batch_size", "beta", "group_siz
 
 
 def training(record: dict[str, Any]) -> str:
-    """One line: steps, the config fields that define the run, its time, and how it stopped."""
+    """One line: steps and the config fields that define the run. Not its seconds: the report is a
+    function of the members and the config, the same bytes after a crash and a resume."""
     m, cfg = record.get("metrics", {}), record.get("config", {})
     parts = [f"{int(m['steps'])} steps"] if "steps" in m else []
     parts += [f"{k} {cfg[k]}" for k in TRAINING_FIELDS if cfg.get(k) not in (None, 0, 0.0, "")]
-    if record.get("seconds"):
-        parts.append(f"{record['seconds']:.0f} s")
     return ", ".join(parts) or "not recorded"
 
 
