@@ -185,13 +185,10 @@ def vl_chat_main(model_dir: Path, images: list[str], prompt: str | None, max_new
         print(f"error: the prompt refers to {image_count(prompt)} more image(s) besides --image {images[0]}; "
               f"one image per conversation is supported", file=sys.stderr)
         return 2
-    try:
-        model, tok, pixels, note = load_vl(Path(model_dir), images[0])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_vl(Path(model_dir), images[0])
+    if opened is None:
         return 2
-    if note:
-        print(f"note: {images[0]}: {note}", file=sys.stderr)
+    model, tok, pixels = opened
     generator = torch.Generator().manual_seed(0)
     history: Messages = [{"role": "system", "content": system}] if system else []
 
@@ -212,6 +209,18 @@ def vl_chat_main(model_dir: Path, images: list[str], prompt: str | None, max_new
                 keep=1 if system else 0, refuse=refuse)
 
 
+def open_vl(model_dir: Path, image: str):
+    """load_vl with its one-line error or conversion note on stderr: (model, tok, pixels), or None on error."""
+    try:
+        model, tok, pixels, note = load_vl(model_dir, image)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    if note:
+        print(f"note: {image}: {note}", file=sys.stderr)
+    return model, tok, pixels
+
+
 def vl_generate_main(model_dir: Path, images: list[str], prompts: list[str], max_new_tokens: int, temperature: float,
                      seed: int) -> int:
     """`family generate --image PATH TEXT`: continue `<image> TEXT` as raw text (no chat template)."""
@@ -220,13 +229,10 @@ def vl_generate_main(model_dir: Path, images: list[str], prompts: list[str], max
     if len(images) > 1:
         print(f"error: {len(images)} images given ({', '.join(images)}); one is supported", file=sys.stderr)
         return 2
-    try:
-        model, tok, pixels, note = load_vl(Path(model_dir), images[0])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    opened = open_vl(Path(model_dir), images[0])
+    if opened is None:
         return 2
-    if note:
-        print(f"note: {images[0]}: {note}", file=sys.stderr)
+    model, tok, pixels = opened
     generator = torch.Generator().manual_seed(seed)
     for i, p in enumerate(prompts):
         ids = tok.encode(expand_image_tokens(f"{IMAGE_TOKEN_TEXT}\n{p}", model.vcfg.image_tokens))

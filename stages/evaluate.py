@@ -83,8 +83,9 @@ from models.generate import generate
 from models.gpt import GPT
 from models.quant import load_model
 from models.tokenizer import Tokenizer
-from stages.chat.evaluate import complete, few_shot_prompt, generate_answers, prompt_ids
+from stages.chat.evaluate import complete, few_shot_prompt, generate_answers, pick_heldout, prompt_ids
 from stages.chat.preference import pad_right
+from stages.chat.preference import wilson as preference_wilson
 from stages.chat.verifiers import verify
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.report import html
@@ -161,14 +162,8 @@ def inputs(cfg: Config) -> tuple[str, ...]:
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (Wilson 1927); (0, 1) for n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    denom = 1 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    """Wilson score interval of a proportion k/n (stages/chat/preference.py `wilson`); (0, 1) for n = 0."""
+    return preference_wilson(k / n, n, z) if n else (0.0, 1.0)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -226,16 +221,8 @@ def loss_increase(fp_nll: list[float], q_nll: list[float], n_boot: int = 1000, s
 # -- data ----------------------------------------------------------------------------------------
 
 
-def pick_test(rows: list[dict[str, Any]], per_task: int) -> list[dict[str, Any]]:
-    """At most per_task test rows of each task, the first by id, tasks in name order."""
-    by_task: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted((r for r in rows if r["split"] == "test"), key=lambda r: r["id"]):
-        by_task.setdefault(row["task"] or "all", []).append(row)
-    return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
-
-
 def first_per_task(rows: list[dict[str, Any]], per_task: int) -> list[int]:
-    """Indices of the first per_task rows of each task (rows in pick_test order)."""
+    """Indices of the first per_task rows of each task (rows in pick_heldout order)."""
     seen: Counter = Counter()
     out = []
     for i, r in enumerate(rows):
@@ -453,7 +440,7 @@ def evaluation_data(cfg: Config, inputs: dict[str, Artifact], seed: int) -> dict
     if "prompts" not in inputs or not any(n in inputs for n in (*CHAT_LINE, *QUANTIZED)):
         return {}
     every = list(iter_rows(inputs["prompts"].path))
-    rows = pick_test(every, cfg.test_per_task)
+    rows = pick_heldout(every, cfg.test_per_task, split="test")
     if not rows:
         raise StageError(f"evaluate: the prompts at {inputs['prompts'].path} have no rows of split 'test' (splits: "
                          f"{', '.join(sorted({str(r['split']) for r in every})) or 'none'}); rebuild instruct with a test split")

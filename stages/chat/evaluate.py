@@ -36,10 +36,10 @@ from stages.chat.verifiers import verify
 Messages = list[dict[str, str]]
 
 
-def pick_heldout(rows: Iterable[dict[str, Any]], per_task: int) -> list[dict[str, Any]]:
-    """At most per_task of the val rows of each task, the first by id, tasks in name order."""
+def pick_heldout(rows: Iterable[dict[str, Any]], per_task: int, split: str = "val") -> list[dict[str, Any]]:
+    """At most per_task of the `split` rows of each task, the first by id, tasks in name order."""
     by_task: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted((r for r in rows if r["split"] == "val"), key=lambda r: r["id"]):
+    for row in sorted((r for r in rows if r["split"] == split), key=lambda r: r["id"]):
         by_task.setdefault(row["task"] or "all", []).append(row)
     return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
 

@@ -30,10 +30,11 @@ Deviation from pretrain's val_bpb: that number packs documents across <|endoftex
 the <|endoftext|> after each document; lm-eval's protocol scores each document alone, without it.
 So `rolling_bpb` compares the two implementations on one protocol; it does not reproduce val_bpb.
 
-    from stages.chat.lm_eval_check import agreement, heldout_docs, lm_eval_metrics, pick_split, rolling_bpb
+    from stages.chat.evaluate import pick_heldout
+    from stages.chat.lm_eval_check import agreement, heldout_docs, lm_eval_metrics, rolling_bpb
     agreement(hf_dir, rows, generate_answers(model, tok, [r["prompt"] for r in rows], 96), 96)
     rolling_bpb(hf_dir, docs)
-    lm_eval_metrics(model_dir, pick_split(prompts, "test", 20), heldout_docs(tokens_dir, tok), 96)
+    lm_eval_metrics(model_dir, pick_heldout(prompts, 20, split="test"), heldout_docs(tokens_dir, tok), 96)
       # -> {"lm_eval/agreement", "lm_eval/bpb_rel_diff", ...}: both checks from a stage's model directory
 """
 from __future__ import annotations
@@ -246,15 +247,6 @@ def rolling_bpb(hf_dir: str | Path, docs: list[str], batch_size: int = 8, model:
         "docs": len(docs),
         "seconds": time.perf_counter() - t0,
     }
-
-
-def pick_split(rows: list[dict[str, Any]], split: str, per_task: int) -> list[dict[str, Any]]:
-    """At most per_task rows of `split` per task, the first by id, tasks in name order (the choice
-    of stages/chat/evaluate.py `pick_heldout`, for any split)."""
-    by_task: dict[str, list[dict[str, Any]]] = {}
-    for row in sorted((r for r in rows if r["split"] == split), key=lambda r: r["id"]):
-        by_task.setdefault(row["task"] or "all", []).append(row)
-    return [r for task in sorted(by_task) for r in by_task[task][:per_task]]
 
 
 def heldout_docs(tokens_dir: str | Path, tok: Tokenizer) -> list[str]:

@@ -94,7 +94,7 @@ def row(i: int, task: str, answer: str, split: str = "test") -> dict:
 
 def test_test_rows_distractors_and_baseline():
     rows = [row(i, t, str(i % 3)) for t in ("arith", "string") for i in range(6)] + [row(99, "arith", "7", "val")]
-    picked = evaluate.pick_test(rows, 4)
+    picked = evaluate.pick_heldout(rows, 4, split="test")
     assert [r["id"] for r in picked] == [f"{t}:{i:03d}" for t in ("arith", "string") for i in range(4)]
     assert evaluate.first_per_task(picked, 2) == [0, 1, 4, 5]
     d = evaluate.distractors(picked, 3, seed=0)

@@ -22,7 +22,7 @@ from models.generate import generate
 from models.gpt import GPT, GPTConfig
 from models.hf_export import save_model_dir
 from models.tokenizer import IM_END, Tokenizer
-from stages.chat.evaluate import generate_answers, prompt_ids
+from stages.chat.evaluate import generate_answers, pick_heldout, prompt_ids
 from stages.contract import StageError
 from stages.tokenizer import train_bpe
 
@@ -131,7 +131,7 @@ def test_rolling_windows_are_lm_evals(lm_eval_check, n, max_len):
 def test_lm_eval_metrics_of_a_model_directory(export, lm_eval_check):
     *_, hf_dir = export
     rows = prompts_rows() + [{**prompts_rows()[0], "id": "v0", "split": "val"}]
-    test_rows = lm_eval_check.pick_split(rows, "test", per_task=12)
+    test_rows = pick_heldout(rows, 12, split="test")
     assert [r["id"] for r in test_rows] == [f"p{i:02d}" for i in range(12)]
     got = lm_eval_check.lm_eval_metrics(hf_dir.parent, test_rows, DOCS[:2], max_new_tokens=12)
     assert got["lm_eval/agreement"] == 1.0 and got["lm_eval/acc"] == got["lm_eval/our_acc"]
