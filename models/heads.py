@@ -49,10 +49,11 @@ class RewardModel(nn.Module):
         self.lm_weight = nn.Parameter(torch.ones(()))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+                response_mask: torch.Tensor | None = None, with_loglik: bool = False) -> Any:
         """(B, T) ids (right or left padded; attention_mask (B, T) bool, True = real) -> (B,) rewards.
         response_mask (B, T) bool marks the response's tokens (conversation_ids' mask) for the
-        likelihood term; None leaves the term out."""
+        likelihood term; None leaves the term out. with_loglik: (rewards, (B,) mean log-likelihood of
+        each response), for a language-modelling term in the loss."""
         B, T = input_ids.shape
         if attention_mask is None:
             last = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
@@ -66,6 +67,7 @@ class RewardModel(nn.Module):
             h = self.backbone.hidden(input_ids, attention_mask=None if right_padded else attention_mask)
         h_last = h[torch.arange(B, device=h.device), last]  # (B, d)
         reward = self.head(h_last).squeeze(-1).float()  # (B,)
+        loglik = torch.zeros(B, device=h.device)
         if response_mask is not None:
             # log p of each response token, from the hidden state before it; the LM head only where needed
             target = response_mask[:, 1:]  # (B, T-1): token t + 1 is the response's
@@ -73,8 +75,9 @@ class RewardModel(nn.Module):
             logits = self.backbone.lm_head(h[:, :-1][target])  # (N, V)
             logps = -F.cross_entropy(logits.float(), input_ids[:, 1:][target], reduction="none")  # (N,)
             total = torch.zeros(B, device=h.device).index_add_(0, rows, logps)
-            reward = reward + self.lm_weight * total / target.sum(1).clamp(min=1).float()
-        return reward
+            loglik = total / target.sum(1).clamp(min=1).float()
+            reward = reward + self.lm_weight * loglik
+        return (reward, loglik) if with_loglik else reward
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         out = Path(out_dir)

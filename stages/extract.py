@@ -45,7 +45,6 @@ import codecs
 import functools
 import hashlib
 import json
-import multiprocessing
 import re
 import sys
 from collections import Counter
@@ -62,6 +61,7 @@ from trafilatura.utils import load_html
 
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.text.normalize import clean_text, count_words, warm_up
+from stages.text.workers import worker_pool
 from storage import parquet
 from storage.artifacts import Artifact
 
@@ -277,11 +277,10 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     ctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     ctx.tracker.log_params(asdict(cfg))
 
-    # the model and lookup tables are loaded before forking, so workers share them
-    language_identifier()
+    language_identifier()  # in this process; the pool's workers fork from a forkserver that loaded them
     warm_up()
     parallel = ctx.mapper is None and cfg.workers > 1 and total >= cfg.parallel_min_pages
-    pool = multiprocessing.get_context("fork").Pool(cfg.workers) if parallel else None
+    pool = worker_pool(cfg.workers) if parallel else None  # not a fork of this threaded process
 
     counts: Counter[str] = Counter()  # "docs" and one key per drop reason
     done = 0

@@ -29,7 +29,6 @@ Run:
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import shutil
 import sys
 import time
@@ -45,6 +44,7 @@ from stages.quality.fineweb import FineWebQualityFilter
 from stages.quality.gopher import GopherQualityFilter, GopherRepetitionFilter
 from stages.quality.language import LanguageFilter
 from stages.quality.pii import PLACEHOLDERS, PIIScrubber
+from stages.text.workers import worker_pool
 from storage import parquet
 from storage.artifacts import Artifact
 from storage.schemas import DOCS
@@ -300,8 +300,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     stats: dict[str, int] = {}
     bytes_in = done = kept = bytes_kept = 0
     t0 = time.perf_counter()
-    # spawn, not fork: the stage may run in a threaded Prefect worker, where a forked child can deadlock
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (cfg,)) if workers > 1 else None
+    # not a fork of this process: the stage may run in a threaded Prefect worker (stages/text/workers.py)
+    pool = worker_pool(workers, _init_worker, (cfg,)) if workers > 1 else None
     try:
         with parquet.ShardWriter(out_clean, "docs", cfg.rows_per_shard) as clean, \
                 parquet.ShardWriter(out_excluded, "excluded", cfg.rows_per_shard) as excluded:

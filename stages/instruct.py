@@ -16,6 +16,14 @@ keeps its RL prompt set apart from its SFT data: on problems SFT trained on for 
 groups get the same reward for every sample, and such a group teaches nothing. RL problems whose key
 falls in a held-out share become val or test prompts, which enlarges the held-out sets.
 
+Preference problems: with `pref_per_task` > 0, each generated task also draws that many further
+problems (none sharing an equivalence key with one of its items) whose pairs are the task's train
+`prefs`, in place of the SFT items' own: the reward model and DPO then rank replies to problems SFT
+never trained on, as InstructGPT keeps its SFT, RM and PPO prompts apart. The SFT model has learned
+its train replies by heart: on their pairs its likelihood ranks 99.6% of near misses and 98% of slips
+right, on new problems 97% and 96% (tiny recipe), so pairs of SFT items teach a reward model little.
+Held-out preference problems enlarge the val and test prefs.
+
 Tasks (each item gives one chat row, one near-miss prefs row and its slip rows, and a prompts row when
 its answer is exact):
 - docqa: closed-book questions about the modules, functions and classes the corpus documents,
@@ -132,6 +140,7 @@ class Config:
     letters_apart: bool = True  # count and string questions write the word's letters apart: "p y t h o n"
     max_docqa: int = 4000  # docqa items at most (0: none); a seeded sample when the corpus gives more
     rl_per_task: int = 1000  # further problems per generated task, written to `prompts` only (GRPO's train set)
+    pref_per_task: int = 0  # further problems per generated task whose pairs are its train `prefs` (0: the SFT items')
     slip_pairs: int = 1  # per worked arith, letter-count and wordprob item: prefs rows whose rejected reply slips in the work
     val_frac: float = 0.1  # share of problems (equivalence keys) held out as "val", what settings are tuned on
     test_frac: float = 0.1  # share held out as "test": reported only, never trained on or tuned by
@@ -144,7 +153,8 @@ class Config:
     max_skips: int = 100  # per file, with on_error="skip"
 
     def validate(self) -> None:
-        for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "rl_per_task", "slip_pairs", "max_skips"):
+        for name in ("n_arith", "n_count", "n_string", "n_wordprob", "max_docqa", "rl_per_task", "pref_per_task",
+                     "slip_pairs", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.arith_max < 10 or not self.arith_ops or set(self.arith_ops) - set("+-*"):
@@ -418,10 +428,12 @@ def task_makers(cfg: Config, words: list[str]) -> dict[str, Callable[[random.Ran
     }
 
 
-def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[Item], list[Item]]:
-    """Every generated item, docqa first, and the RL problems (rl_per_task per generated task). Each task
+def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[Item], list[Item], list[Item]]:
+    """Every generated item, docqa first; the preference problems (pref_per_task per generated task, none
+    with the key of one of its items); and the RL problems (rl_per_task per generated task). Each task
     has its own seeded generator, so changing one task's count leaves the others' items as they were;
-    a task's RL problems are drawn after its items from the same generator, so they never repeat one."""
+    a task's preference and RL problems are drawn after its items from the same generator, so they
+    never repeat one."""
     def rng(task: str) -> random.Random:
         return random.Random(f"{cfg.seed}:{task}")
 
@@ -429,13 +441,16 @@ def generate(cfg: Config, entries: list[Entry], words: list[str]) -> tuple[list[
     if len(docqa) > cfg.max_docqa:
         docqa = rng("docqa-sample").sample(docqa, cfg.max_docqa)
     counts = {"arith": cfg.n_arith, "count": cfg.n_count, "string": cfg.n_string, "wordprob": cfg.n_wordprob}
-    items, rl = list(docqa), []
+    items, prefs, rl = list(docqa), [], []
     for task, make in task_makers(cfg, words).items():
         n = counts[task]
-        drawn = unique_items(make, n + (cfg.rl_per_task if n else 0), rng(task))
+        n_pref = cfg.pref_per_task if n else 0
+        drawn = unique_items(make, n + n_pref + (cfg.rl_per_task if n else 0), rng(task))
         items += drawn[:n]
-        rl += drawn[n:]
-    return items, rl
+        keys = {it.key for it in drawn[:n]}
+        prefs += [it for it in drawn[n:n + n_pref] if it.key not in keys]
+        rl += drawn[n + n_pref:]
+    return items, prefs, rl
 
 
 def item_rows(item: Item) -> dict[str, list[dict[str, Any]]]:
@@ -501,12 +516,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     user_rows, import_stats = import_user_files(cfg)
 
     entries, words, n_docs = read_entries(inputs["docs_clean"].path, ctx)
-    items, rl_items = generate(cfg, entries, words)
+    items, pref_items, rl_items = generate(cfg, entries, words)
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
     for item in items:
         for kind, kind_rows in item_rows(item).items():
             rows[kind].extend(kind_rows)
     sft_prompt_ids = {r["id"] for r in rows["prompts"]}
+    sft_pref_ids = {r["id"] for r in rows["prefs"]}
+    for item in pref_items:
+        rows["prefs"].extend(item_rows(item)["prefs"])
     for item in rl_items:
         rows["prompts"].extend(item_rows(item)["prompts"])
     for kind in KINDS:
@@ -525,6 +543,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     rl_tasks = {it.task for it in rl_items}  # their train prompts are the RL problems; SFT items' stay as held-out ones
     rows["prompts"] = [r for r in rows["prompts"]
                        if r["split"] != "train" or r["task"] not in rl_tasks or r["id"] not in sft_prompt_ids]
+    pref_tasks = {it.task for it in pref_items}  # likewise: their train pairs are the preference problems'
+    rows["prefs"] = [r for r in rows["prefs"]
+                     if r["split"] != "train" or r["task"] not in pref_tasks or r["id"] not in sft_pref_ids]
 
     for kind in KINDS:
         with ShardWriter(ctx.output(kind), kind) as writer:

@@ -11,6 +11,11 @@ Loss (Bradley & Terry 1952; InstructGPT, Ouyang et al. 2022, eq. 1), per pair:
 
     L = -log sigma(r(x, y_chosen) - r(x, y_rejected))
 
+With `lm_coef` > 0 the loss also has the chosen replies' language-modelling term,
+L += -lm_coef * mean_t log p(y_chosen_t | x, y_<t), so the backbone keeps writing (and learns to
+write) correct replies while the pair loss moves it: without it, the likelihood that ranks the pairs
+at the start drifts (the "likelihood displacement" of DPO-style objectives; Razin et al. 2024).
+
 Metric: pairwise accuracy on the val prefs split, the fraction of pairs with r_chosen > r_rejected, a
 tie counting half (so chance, a reward that cannot tell the replies apart, is 0.5); overall, per task
 and per kind of rejected reply ("near_miss", "slip": stages/instruct.py). Beside it the untrained
@@ -65,12 +70,15 @@ class Config(TrainConfig):
     eval_every: int = 100
     eval_pairs: int = 512  # held-out pairs per evaluation (all when fewer)
     train_backbone: bool = True  # false: only the head and the likelihood term's weight learn; the prior's likelihood stays
+    lm_coef: float = 0.0  # weight of the chosen replies' language-modelling loss beside Bradley-Terry (see below)
     train_kinds: tuple[str, ...] = ()  # kinds of prefs pairs trained on ("near_miss", "slip"); () = all; val measures all
 
     def validate(self) -> None:
         for name in ("batch_size", "max_steps", "eval_every", "eval_pairs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lm_coef < 0:
+            raise ValueError(f"lm_coef must be >= 0, got {self.lm_coef}")
         if self.max_len < 0:
             raise ValueError(f"max_len must be >= 0, got {self.max_len}")
         TrainConfig.validate(self)
@@ -81,15 +89,19 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
     return -F.logsigmoid(r_chosen - r_rejected)
 
 
-def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and the rejected sequences, (B,) each, from one right-padded batch of 2B."""
+def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int, device: torch.device,
+                 with_loglik: bool = False) -> Any:
+    """Rewards of the chosen and the rejected sequences, (B,) each, from one right-padded batch of 2B;
+    with_loglik: and the chosen replies' (B,) mean log-likelihood."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     ids = pad_right(seqs, pad_id, device)  # (2B, T)
     mask = ids.new_zeros(ids.shape, dtype=torch.bool)
     for i, s in enumerate(seqs):
         mask[i, :len(s)] = True
     response = pad_right([p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs], False, device, torch.bool)
-    r = model(ids, mask, response)  # (2B,)
+    r, loglik = model(ids, mask, response, with_loglik=True)  # (2B,), (2B,)
+    if with_loglik:
+        return r[:len(pairs)], r[len(pairs):], loglik[:len(pairs)]
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -185,8 +197,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         lr = set_lr(optimizer, cfg, step, cfg.max_steps)
         batch = [train[i] for i in order.next()]
         with autocast:
-            rc, rr = pair_rewards(model, batch, tok.pad_id, device)
-        loss = bradley_terry_loss(rc, rr).mean()
+            rc, rr, loglik = pair_rewards(model, batch, tok.pad_id, device, with_loglik=True)
+        loss = bradley_terry_loss(rc, rr).mean() - cfg.lm_coef * loglik.mean()
         loss.backward()
         grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -17,7 +17,6 @@ and `shingle_hashes` doubles as the exact shingle set for verifying candidate pa
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import re
 import zlib
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 from datasketch import MinHash
 
-from stages.text.normalize import simplify_text, warm_up
+from stages.text.normalize import simplify_text
+from stages.text.workers import worker_pool
 
 # Hiragana, Katakana, Bopomofo, CJK Ext. A, CJK Unified, Hangul syllables, CJK compatibility
 _CJK = re.compile(r"[\u3040-\u30ff\u3100-\u312f\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
@@ -117,7 +117,7 @@ def parallel_text_keys(
     progress: Callable[[int, int], None] | None = None,
     mapper: Callable[[Callable, list], Iterable[TextKeys]] | None = None,
 ) -> TextKeys:
-    """`text_keys` over chunks of `chunk_size` texts on a fork Pool(workers), or on `mapper` (a
+    """`text_keys` over chunks of `chunk_size` texts on a pool of `workers` (stages/text/workers.py), or on `mapper` (a
     stage's ctx.mapper) when given; same result, in order."""
     chunks = [(list(texts[i : i + chunk_size]), spec) for i in range(0, len(texts), chunk_size)]
     keys = TextKeys([], np.empty((0, spec.num_perm), np.uint32), [])
@@ -136,7 +136,6 @@ def parallel_text_keys(
     elif workers <= 1 or len(chunks) <= 1:
         collect(map(_text_keys_task, chunks))
     else:
-        warm_up()  # build the normalisation tables once; the forked workers inherit them
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with worker_pool(workers) as pool:  # forked from a forkserver that built the normalisation tables
             collect(pool.imap(_text_keys_task, chunks))
     return keys._replace(signatures=np.concatenate(sig_parts))

@@ -610,3 +610,24 @@ def test_config_is_checked(tmp_path, corpus):
         run_stage(tmp_path, corpus, val_frac=0.6, test_frac=0.4)
     with pytest.raises(StageError, match="n_arith must be >= 0"):
         run_stage(tmp_path, corpus, n_arith=-1)
+
+
+def test_preference_problems_are_new_and_are_the_only_train_pairs(tmp_path, corpus):
+    """pref_per_task draws further problems whose pairs replace the SFT items' train pairs: the reward
+    model and DPO then rank replies to problems SFT never trained on (no question and no equivalence key
+    of a chat train row), while every held-out pair of the SFT items stays where it was."""
+    result, rows = run_stage(tmp_path / "pref", corpus, pref_per_task=40)
+    _, plain = run_stage(tmp_path / "plain", corpus)
+    assert rows["chat"] == plain["chat"]  # SFT data unchanged
+    chat_train = [r for r in rows["chat"] if r["split"] == "train"]
+    questions, keys = {r["messages"][0]["content"] for r in chat_train}, {r["key"] for r in chat_train}
+    train = [r for r in rows["prefs"] if r["split"] == "train" and r["task"] != "docqa"]
+    assert {r["task"] for r in train} == {"arith", "count", "string", "wordprob"}
+    assert not {r["prompt"][0]["content"] for r in train} & questions and not {r["key"] for r in train} & keys
+    assert {r["kind"] for r in train} == {"near_miss", "slip"}
+    docqa = [r for r in rows["prefs"] if r["split"] == "train" and r["task"] == "docqa"]  # no generator: kept
+    assert docqa == [r for r in plain["prefs"] if r["split"] == "train" and r["task"] == "docqa"] and docqa
+    held = {(r["id"], r["split"]) for r in rows["prefs"] if r["split"] != "train"}
+    assert {(r["id"], r["split"]) for r in plain["prefs"] if r["split"] != "train"} < held
+    for split in ("val", "test"):
+        assert result.metrics[f"decontam/{split}_exact_overlap"] == 0 == result.metrics[f"decontam/{split}_key_overlap"]
