@@ -26,7 +26,9 @@ them): the first `test_per_task` of each task by id, the same rows for every mem
 - Sampling, for each of `sample_members` (grpo and its start, dpo): `samples` completions per prompt
   at T = 1 for the first `sample_per_task` prompts per task: pass@1 and pass@k with the unbiased
   estimator of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code", eq. 1), normal
-  intervals over prompts, and the paired pass@1 delta against the start.
+  intervals over prompts, and the paired pass@1 delta against the start; headroom@n, the share of
+  those prompts that greedy decoding gets wrong and one of the n samples right (what sharpening the
+  sampling toward its right answers, GRPO's effect at this scale, can at most add to greedy accuracy).
 - Quantized members against their fp32 model: the relative increase of the assistant-token loss on
   `loss_rows` test conversations of `chat` (a percentile bootstrap interval over conversations,
   paired: both models on the same resamples) and greedy accuracy on the first `quant_per_task`
@@ -41,7 +43,7 @@ training stage's MLflow run (its id is in its result.json), else from the curve 
 Figures (evaluation.json "figures", and the stage's metrics; <m> is a member's output name):
 <m>/acc, <m>/acc_lo, <m>/acc_hi (and /<task>: <m>/acc/arith, <m>/acc_lo/arith, ...), <m>/baseline
 (the most common answer on <m>'s prompts), <m>/prompts, majority/acc..., <m>/rank_acc..., rank_chance,
-<m>/pass@1, <m>/pass@<k> (with _lo, _hi), <new>_vs_<old>/acc_delta (_lo, _hi), <new>_vs_<old>/
+<m>/pass@1, <m>/pass@<k>, <m>/headroom@<n> (with _lo, _hi), <new>_vs_<old>/acc_delta (_lo, _hi), <new>_vs_<old>/
 acc_mcnemar_p, <new>_vs_<old>/rank_acc_delta..., grpo_vs_dpo/pass@1_delta..., <q>/loss_increase
 (_lo, _hi), <m>/test_loss, <m>/bytes; recorded: bm25|embedder|hybrid|reranker/ndcg@10|mrr@10|
 recall@10|recall@50 (_lo, _hi), embedder_vs_bm25/ndcg@10_delta, hybrid_vs_bm25/...,
@@ -187,6 +189,13 @@ def paired_delta(old: list[bool], new: list[bool], z: float = Z95) -> dict[str, 
     se = math.sqrt(max(0.0, (gained + lost) / n - d * d) / n)
     return {"delta": d, "lo": d - z * se, "hi": d + z * se, "p": mcnemar_exact(gained, lost), "gained": gained,
             "lost": lost, "n": n}
+
+
+def headroom(greedy: list[bool], sampled: list[int]) -> list[float]:
+    """Per prompt, 1.0 where greedy decoding is wrong and one of the samples right (c > 0 of n): what
+    sharpening the sampling toward its right answers (GRPO at this scale) can at most turn into greedy
+    accuracy on these prompts."""
+    return [float(not g and c > 0) for g, c in zip(greedy, sampled, strict=True)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -507,7 +516,8 @@ def chat_summary(cfg: Config, data: dict[str, Any], measured: dict[str, Measured
             greedy, _ = aligned(m.idx, m.correct, m.sample_idx, m.sampled)
             figs = [("greedy acc", mean_interval([float(x) for x in greedy])),
                     ("pass@1", mean_interval([c / cfg.samples for c in m.sampled])),
-                    (f"pass@{k}", mean_interval([pass_at_k(cfg.samples, c, k) for c in m.sampled]))]
+                    (f"pass@{k}", mean_interval([pass_at_k(cfg.samples, c, k) for c in m.sampled])),
+                    (f"headroom@{cfg.samples}", mean_interval(headroom(greedy, m.sampled)))]
             for label, (v, lo, hi) in figs[1:]:
                 figures |= {f"{name}/{label}": v, f"{name}/{label}_lo": lo, f"{name}/{label}_hi": hi}
             sampling.append({"member": name, "n": cfg.samples, "prompts": len(m.sampled),

@@ -52,6 +52,12 @@ def test_pass_at_k_is_the_unbiased_estimator():
         evaluate.pass_at_k(4, 5, 1)
 
 
+def test_headroom_is_greedy_wrong_and_a_sample_right():
+    assert evaluate.headroom([True, False, False, True], [0, 0, 2, 4]) == [0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        evaluate.headroom([True], [1, 2])
+
+
 def test_mean_interval_and_loss_increase():
     m, lo, hi = evaluate.mean_interval([0.0, 1.0, 1.0, 0.0])
     assert m == 0.5 and (lo, hi) == (pytest.approx(0.5 - 1.96 * 0.5774 / 2, abs=1e-3), pytest.approx(0.5 + 1.96 * 0.5774 / 2, abs=1e-3))
@@ -140,7 +146,7 @@ def test_run_on_a_toy_chat_line(tmp_path):
         assert f"{name}/baseline" in m and f"{name}/rank_acc" in m
     # the same weights on the same prompts: no discordant pair, p = 1
     assert m["grpo_vs_dpo/acc_delta"] == 0.0 and m["grpo_vs_dpo/acc_mcnemar_p"] == 1.0
-    assert m["grpo/pass@1_lo"] <= m["grpo/pass@1"] <= m["grpo/pass@2"] <= 1.0
+    assert m["grpo/pass@1_lo"] <= m["grpo/pass@1"] <= m["grpo/pass@2"] <= 1.0 and 0.0 <= m["grpo/headroom@2"] <= 1.0
     assert m["rank_chance"] == pytest.approx(1 / len(LETTERS))  # three distractors: the other letters
     assert [(g["member"], g["passed"], g["note"]) for g in ev["gates"]] == [("grpo", True, ""), ("vl", False, "member absent")]
     assert result.outputs["report"]["promote"] == {"grpo": True, "vl": False}
