@@ -180,6 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=str))
         return 0
     print(f"recipe {doc['recipe']}  home {doc['home']}")
+    if doc.get("headline"):
+        print("stages (each stage's own figures; a trainer's are on val, the split its settings are tuned on):")
     width = max(len(s["stage"]) for s in doc["stages"])
     for s in doc["stages"]:
         m = s["metrics"]
@@ -192,6 +194,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {s['state']:<9}  {s['stage']:<{width}}  {s['fingerprint'] or 'pending':<16}  {tail}")
         for w in s["warnings"]:
             print(f"  {'':<9}  {'':<{width}}  WARNING {w}")
+    if doc.get("headline"):
+        print("headline (the test split, scored by evaluate; 95% intervals; `family report` for the rest):")
+        name_w = max(len(h["member"]) for h in doc["headline"])
+        for h in doc["headline"]:
+            print(f"  {h['member']:<{name_w}}  {h['figure']:<8} {h['value']:.3f} [{h['lo']:.3f}, {h['hi']:.3f}]  "
+                  f"{h['baseline_name']} {h['baseline']:.3f}  (n={h['n']})")
     return 0
 
 

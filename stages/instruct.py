@@ -552,12 +552,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             writer.write_many(rows[kind])
     decontam, decontam_metrics = decontamination(rows, inputs["docs_clean"].path)
     return summarize(rows, decontam, decontam_metrics, items, len(rl_items), len(entries), n_docs, len(words),
-                     duplicates, moved, import_stats, ctx)
+                     duplicates, moved, import_stats, ctx, n_pref=len(pref_items))
 
 
 def summarize(rows: dict[str, list[dict[str, Any]]], decontam: list[dict[str, Any]], decontam_metrics: dict[str, float],
               items: list[Item], n_rl: int, n_entries: int, n_docs: int, n_words: int, duplicates: int, moved: Counter,
-              import_stats: list[dict[str, Any]], ctx: StageContext) -> StageResult:
+              import_stats: list[dict[str, Any]], ctx: StageContext, n_pref: int = 0) -> StageResult:
     """Rows per task, kind and split, the decontamination figures, the summary and a sample per task."""
     per_task: dict[str, Counter] = {}
     for kind in KINDS:
@@ -573,7 +573,7 @@ def summarize(rows: dict[str, list[dict[str, Any]]], decontam: list[dict[str, An
     slip_rows = [r for r in rows["prefs"] if r.get("kind") == "slip"]
     metrics.update(docs=float(n_docs), docqa_entries=float(n_entries), vocabulary=float(n_words),
                    duplicates=float(duplicates), moved_to_train=float(moved["train"]), moved_to_val=float(moved["val"]),
-                   rl_problems=float(n_rl), slip_pairs=float(len(slip_rows)),
+                   rl_problems=float(n_rl), pref_problems=float(n_pref), slip_pairs=float(len(slip_rows)),
                    import_skipped=float(sum(s["skipped"] for s in import_stats)), **decontam_metrics)
     ctx.tracker.log_metrics(metrics)
 

@@ -117,6 +117,9 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
     assert {h["split"] for h in doc["headline"]} == {"test"} and all("lo" in h and "baseline" in h for h in doc["headline"])
     assert {h["member"] for h in doc["headline"]} >= {"base", "sft", "dpo", "grpo", "small", "chat_int8", "embedder", "vl"}
     assert {(g["member"], g["passed"]) for g in doc["gates"]} == {("chat_int8", True), ("grpo", True), ("embedder", False)}
+    assert cli(["status", "--recipe", "micro", "--home", str(home.root)]) == 0  # the terminal: the test headline last
+    shown = capsys.readouterr().out.split("headline (the test split")[1].splitlines()[1:]
+    assert [line.split()[0] for line in shown] == [h["member"] for h in doc["headline"]] and "most common answer" in shown[1]
     assert cli(["report", "--home", str(home.root)]) == 0
     out = capsys.readouterr().out
     html = Path(out.splitlines()[0])

@@ -7,13 +7,15 @@ what it computes), and each shard was a Prefect task run of the flow run.
 
 Under a loaded machine these tests once sat 950 s and then failed with "Connection refused" from the
 session's Prefect test server. `watchdog` makes such a run fail loudly and early instead: a shard
-without a result in SHARD_TIMEOUT_S fails its stage (flows/dask_runner.ENV_TIMEOUT), every thread's
-stack is dumped after STACKS_AFTER_S, and a test server that is gone is named as the cause.
+without a result in SHARD_TIMEOUT_S fails its stage (flows/dask_runner.ENV_TIMEOUT), and a test
+server that is gone is named as the cause; pytest's faulthandler_timeout (pyproject.toml) dumps
+every thread's stack to the terminal if a test still runs after 15 minutes. (A CI run once hung here
+with no output and did not hang again in two reruns here. The likeliest cause, removed since: the
+in-process run's extract and dedupe forked their worker pools inside Prefect's threads, where a child
+can start with a lock held forever; they now fork from a forkserver, stages/text/workers.py.)
 """
 from __future__ import annotations
 
-import faulthandler
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +32,6 @@ pytestmark = [pytest.mark.scaleout, pytest.mark.slow]
 DATA_STAGES = ("crawl", "extract", "dedupe", "filter", "tokenizer")
 SMALL_TASKS = ["extract.pages_per_task=4", "dedupe.docs_per_task=4"]
 SHARD_TIMEOUT_S = 240  # alone, a whole flow here takes 10-30 s
-STACKS_AFTER_S = 420
 
 
 def server_exit_code() -> int | None:
@@ -46,11 +47,9 @@ def server_exit_code() -> int | None:
 def watchdog(prefect_server, monkeypatch):
     monkeypatch.setenv(ENV_TIMEOUT, str(SHARD_TIMEOUT_S))
     assert server_exit_code() is None, f"the Prefect test server exited ({server_exit_code()}) before this test"
-    faulthandler.dump_traceback_later(STACKS_AFTER_S, exit=False, file=sys.stderr)
     try:
         yield
     finally:
-        faulthandler.cancel_dump_traceback_later()
         code = server_exit_code()
         assert code is None, f"the session's Prefect test server exited with code {code} during this test"
 

@@ -624,7 +624,7 @@ def test_preference_problems_are_new_and_are_the_only_train_pairs(tmp_path, corp
     train = [r for r in rows["prefs"] if r["split"] == "train" and r["task"] != "docqa"]
     assert {r["task"] for r in train} == {"arith", "count", "string", "wordprob"}
     assert not {r["prompt"][0]["content"] for r in train} & questions and not {r["key"] for r in train} & keys
-    assert {r["kind"] for r in train} == {"near_miss", "slip"}
+    assert {r["kind"] for r in train} == {"near_miss", "slip"} and 100 < result.metrics["pref_problems"] <= 160
     docqa = [r for r in rows["prefs"] if r["split"] == "train" and r["task"] == "docqa"]  # no generator: kept
     assert docqa == [r for r in plain["prefs"] if r["split"] == "train" and r["task"] == "docqa"] and docqa
     held = {(r["id"], r["split"]) for r in rows["prefs"] if r["split"] != "train"}
