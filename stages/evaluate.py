@@ -29,6 +29,9 @@ them): the first `test_per_task` of each task by id, the same rows for every mem
   intervals over prompts, and the paired pass@1 delta against the start; headroom@n, the share of
   those prompts that greedy decoding gets wrong and one of the n samples right (what sharpening the
   sampling toward its right answers, GRPO's effect at this scale, can at most add to greedy accuracy).
+- The reward model and DPO on the first `pair_rows` test preference pairs, per kind of rejected reply
+  (stages/chat/pair_eval.py): the reward model against its untrained prior (the SFT likelihood), DPO's
+  implicit reward against chance 0.5, with the paired differences and their intervals.
 - Quantized members against their fp32 model: the relative increase of the assistant-token loss on
   `loss_rows` test conversations of `chat` (a percentile bootstrap interval over conversations,
   paired: both models on the same resamples) and greedy accuracy on the first `quant_per_task`
@@ -36,14 +39,15 @@ them): the first `test_per_task` of each task by id, the same rows for every mem
 Read from the members' own published results (result.json beside each output), where their stages
 already measure on held-out data with intervals: retrieval (test queries: BM25 -> dense -> hybrid ->
 reranked, with their paired bootstrap intervals), vl (test images: accuracy against the blind
-baseline, text retention against the chat model), the reward model and rag (as recorded, split
-named), the data funnel (the data stages' counts). Training curves (loss, lr, val) come from each
+baseline, text retention against the chat model), the reward model's and DPO's val figures and rag
+(as recorded, split named), the data funnel (the data stages' counts). Training curves (loss, lr, val) come from each
 training stage's MLflow run (its id is in its result.json), else from the curve it recorded.
 
 Figures (evaluation.json "figures", and the stage's metrics; <m> is a member's output name):
 <m>/acc, <m>/acc_lo, <m>/acc_hi (and /<task>: <m>/acc/arith, <m>/acc_lo/arith, ...), <m>/baseline
 (the most common answer on <m>'s prompts), <m>/prompts, majority/acc..., <m>/rank_acc..., rank_chance,
-<m>/pass@1, <m>/pass@<k>, <m>/headroom@<n> (with _lo, _hi), <new>_vs_<old>/acc_delta (_lo, _hi), <new>_vs_<old>/
+<m>/pass@1, <m>/pass@<k>, <m>/headroom@<n> (with _lo, _hi), reward_model|dpo|dpo_policy/pair_acc[/<kind>]
+(_lo, _hi), reward_model_vs_prior|dpo_vs_chance|dpo_policy_vs_ref/pair_acc_delta[/<kind>] (_lo, _hi), <new>_vs_<old>/acc_delta (_lo, _hi), <new>_vs_<old>/
 acc_mcnemar_p, <new>_vs_<old>/rank_acc_delta..., grpo_vs_dpo/pass@1_delta..., <q>/loss_increase
 (_lo, _hi), <m>/test_loss, <m>/bytes; recorded: bm25|embedder|hybrid|reranker/ndcg@10|mrr@10|
 recall@10|recall@50 (_lo, _hi), embedder_vs_bm25/ndcg@10_delta, hybrid_vs_bm25/...,
@@ -93,6 +97,7 @@ from stages.contract import StageContext, StageError, StageResult, main
 from stages.report import html
 from stages.report.cards import card
 from stages.report.gates import check_gates, evaluate_gates, promoted
+from stages.chat.pair_eval import pair_figures
 from stages.report.recorded import curves, funnel, read_record, retrieval, vision, weights
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows
@@ -108,7 +113,7 @@ MEMBERS = {  # output name -> what it is
     "embedder": "dense embedder", "reranker": "cross-encoder reranker", "vl": "vision-language model",
 }
 DATA = ("pages", "docs", "docs_dedup", "docs_clean", "tokens")  # the data stages' outputs: the funnel
-INPUTS = ("prompts", "chat", *MEMBERS, "rag_eval", *DATA)
+INPUTS = ("prompts", "chat", "prefs", *MEMBERS, "rag_eval", *DATA)
 OPTIONAL_INPUTS = INPUTS  # the recipe wires those it produces (flows/recipe.py); the rest are absent
 OUTPUTS = ("report",)
 GPU = True
@@ -131,6 +136,7 @@ class Config:
     quant_per_task: int = 100  # greedy prompts per task for the quantized members (paired with fp32)
     loss_rows: int = 256  # test conversations of `chat` for the quantized members' loss increase
     bootstrap: int = 1000  # resamples of the loss-increase interval
+    pair_rows: int = 512  # test preference pairs the reward model and DPO rank (stages/chat/pair_eval.py); 0: none
     lm_eval_prompts: int = 0  # > 0: lm-eval's agreement with our greedy answers on this many test prompts (lm_eval_hook)
     lm_eval_docs: int = 0  # > 0: lm-eval's rolling log-likelihood of this many held-out docs against the base model's bpb
     # member output name -> {figure: {min|max: number or "member/figure"}}
@@ -565,10 +571,20 @@ def chat_summary(cfg: Config, data: dict[str, Any], measured: dict[str, Measured
 
 
 def summarize(cfg: Config, data: dict[str, Any], measured: dict[str, Measured], records: dict[str, dict[str, Any]],
-              sizes: dict[str, dict[str, Any]], training_curves: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-    """evaluation.json: every figure, the gates and the model cards (pure: no model, no file)."""
+              sizes: dict[str, dict[str, Any]], training_curves: dict[str, Any], fingerprint: str,
+              pairs: tuple[dict[str, float], list[dict[str, Any]]] = ({}, [])) -> dict[str, Any]:
+    """evaluation.json: every figure, the gates and the model cards (pure: no model, no file); `pairs`
+    is pair_figures' (figures, table) on the test preference pairs."""
     ev = chat_summary(cfg, data, measured, sizes) if measured else {
         "figures": {}, "tasks": {}, "baseline": {}, "rank": {}, "headline": [], "deltas": [], "sampling": [], "quantization": []}
+    ev["figures"] |= pairs[0]
+    ev["pairs"] = pairs[1]
+    if "reward_model/pair_acc" in pairs[0]:
+        f = pairs[0]
+        ev["headline"].append({"member": "reward_model", "figure": "pair_acc", "value": f["reward_model/pair_acc"],
+                               "lo": f["reward_model/pair_acc_lo"], "hi": f["reward_model/pair_acc_hi"],
+                               "baseline": f["reward_model/prior_pair_acc"], "baseline_name": "untrained prior",
+                               "split": "test", "n": int(f["reward_model/pairs"])})
     rows = data.get("rows", [])
     ev |= {"fingerprint": fingerprint, "split": "test", "rank_chance": ev["figures"].get("rank_chance", 0.0),
            "prompts": {"rows": len(rows), "per_task": dict(sorted(Counter(r["task"] or "all" for r in rows).items())),
@@ -627,6 +643,12 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         model, tok = load_model(path, device).eval(), Tokenizer.load(path)
         measured[name] = measure(name, model, tok, path, cfg, data, ctx.seed)
         del model
+    pairs: tuple[dict[str, float], list[dict[str, Any]]] = ({}, [])
+    if cfg.pair_rows > 0 and "prefs" in inputs and "sft" in inputs and ("reward_model" in inputs or "dpo" in inputs):
+        ctx.progress(len(todo), len(todo), "preference pairs")
+        pairs = pair_figures(inputs["prefs"].path, Path(inputs["sft"].path),
+                             Path(inputs["reward_model"].path) if "reward_model" in inputs else None,
+                             Path(inputs["dpo"].path) if "dpo" in inputs else None, cfg.pair_rows, 32, device)
     lm_eval = {k: v for m in measured.values() for k, v in m.lm_eval.items()}
     if cfg.lm_eval_docs > 0 and "base" in inputs and "tokens" in inputs:
         ctx.progress(len(todo), len(todo), "lm-eval: rolling log-likelihood")
@@ -634,7 +656,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     ctx.progress(len(todo), len(todo), "report")
 
     ev = summarize(cfg, data, measured, records, sizes, curves(records, getattr(ctx.tracker, "history", None)),
-                   ctx.fingerprint)
+                   ctx.fingerprint, pairs)
     ev["figures"] |= lm_eval
     ev["lm_eval"] = lm_eval
     out = ctx.output("report")

@@ -202,6 +202,20 @@ def lm_eval_section(ev: dict[str, Any]) -> str:
             "(stages/chat/lm_eval_check.py).</p>" + table(["check", "on", "result"], [[esc(a), esc(b), esc(c)] for a, b, c in rows]))
 
 
+def pairs_section(ev: dict[str, Any]) -> str:
+    rows = []
+    for r in ev.get("pairs", []):
+        base = "prior" if r["baseline"] == "untrained prior" else "chance" if r["baseline"] == "chance" else "ref"
+        d, half = r[f"gain_over_{base}"], r[f"gain_over_{base}_ci95"]
+        rows.append([esc(r["member"]), esc(r["pairs"]), str(r["n"]), interval(r["acc"], r["acc_lo"], r["acc_hi"]),
+                     f"{esc(r['baseline'])} {num(r[base])}", f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"])
+    if not rows:
+        return "<p class='absent'>No test preference pairs measured (no prefs, reward model or DPO model).</p>"
+    return ("<p>Pairwise accuracy on the test preference pairs (a tie counts half), per kind of rejected reply: "
+            "near_miss (the right work, a wrong result) and slip (a slip inside the work that every later step "
+            "follows).</p>" + table(["member", "pairs", "n", "accuracy [95%]", "baseline", "difference [95%]"], rows))
+
+
 def recorded_section(ev: dict[str, Any]) -> str:
     rows = [[esc(name), esc(k), num(v)] for name, figs in ev["recorded"].items() for k, v in figs.items()]
     return table(["member", "figure (as its stage recorded it)", "value"], rows) if rows else ""
@@ -209,7 +223,8 @@ def recorded_section(ev: dict[str, Any]) -> str:
 
 def render(ev: dict[str, Any]) -> str:
     sections = [("Promotion gates", gates_section), ("Headline: every member on the test split", headline_section),
-                ("Paired deltas along the lineage", deltas_section), ("Chat line: accuracy per task", accuracy_section),
+                ("Paired deltas along the lineage", deltas_section), ("Preference pairs (test)", pairs_section),
+                ("Chat line: accuracy per task", accuracy_section),
                 ("Quantization", quant_section), ("Retrieval", retrieval_section), ("Vision-language", vl_section),
                 ("A third-party evaluator (lm-eval)", lm_eval_section), ("Decontamination", decontam_section),
                 ("Training curves", curves_section), ("Data funnel", funnel_section), ("Model cards", cards_section),

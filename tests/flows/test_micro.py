@@ -110,12 +110,14 @@ def test_micro_family_end_to_end(tmp_path, prefect_server, capsys):
     for key in ("grpo/acc", "grpo/acc_lo", "grpo/acc_hi", "grpo/baseline", "base/rank_acc", "rank_chance",
                 "sft_vs_base/acc_delta", "grpo_vs_dpo/acc_mcnemar_p", "grpo/pass@1", "grpo/pass@4", "grpo_vs_dpo/pass@1_delta",
                 "chat_int4/loss_increase", "chat_int4_vs_grpo/acc_delta", "small_vs_grpo/acc_delta", "embedder/ndcg@10",
-                "reranker_vs_hybrid/ndcg@10_delta", "vl/acc", "vl_vs_blind/acc_delta"):
+                "reranker_vs_hybrid/ndcg@10_delta", "vl/acc", "vl_vs_blind/acc_delta", "reward_model/pair_acc",
+                "reward_model_vs_prior/pair_acc_delta", "dpo/pair_acc", "dpo_vs_chance/pair_acc_delta"):
         assert key in ev, key
     # a third-party evaluator agrees: lm-eval's greedy answers are ours, its rolling log-likelihood our bpb
     assert ev["lm_eval/agreement"] == 1.0 and ev["lm_eval/bpb_rel_diff"] < 0.01
     assert {h["split"] for h in doc["headline"]} == {"test"} and all("lo" in h and "baseline" in h for h in doc["headline"])
-    assert {h["member"] for h in doc["headline"]} >= {"base", "sft", "dpo", "grpo", "small", "chat_int8", "embedder", "vl"}
+    assert {h["member"] for h in doc["headline"]} >= {"base", "sft", "dpo", "grpo", "small", "chat_int8", "reward_model",
+                                                      "embedder", "vl"}
     assert {(g["member"], g["passed"]) for g in doc["gates"]} == {("chat_int8", True), ("grpo", True), ("embedder", False)}
     assert cli(["status", "--recipe", "micro", "--home", str(home.root)]) == 0  # the terminal: the test headline last
     shown = capsys.readouterr().out.split("headline (the test split")[1].splitlines()[1:]
