@@ -13,7 +13,6 @@ report the same figures on val, where their settings were chosen.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,38 @@ import torch
 from models.gpt import GPT
 from models.heads import RewardModel
 from models.tokenizer import Tokenizer
-from stages.chat.preference import Pair, compare, read_pairs
+from stages.chat.preference import Pair, compare, pad_right, pair_scores, read_pairs
 
 
 def heldout_pairs(prefs_path: str | Path, tok: Tokenizer, max_len: int, n: int) -> list[Pair]:
+    """At most n test pairs, evenly spread over the ids, then ordered by length (batches pad less)."""
     pairs, _ = read_pairs(prefs_path, "test", tok, max_len)
     pairs = sorted(pairs, key=lambda p: p.id)
-    return pairs[:: max(1, math.ceil(len(pairs) / n))] if pairs else []
+    pairs = pairs[:: max(1, math.ceil(len(pairs) / n))] if pairs else []
+    return sorted(pairs, key=lambda p: (max(len(p.chosen), len(p.rejected)), p.id))
+
+
+@torch.no_grad()
+def pair_scores_of(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewards (chosen, rejected) and summed response log-likelihoods (chosen, rejected), (N,) each, in
+    one pass of the model (the LM head only at the response tokens: models/heads.py)."""
+    out: list[list[torch.Tensor]] = [[], [], [], []]
+    model.eval()
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i:i + batch_size]
+        seqs = [p.chosen for p in batch] + [p.rejected for p in batch]
+        ids = pad_right(seqs, pad_id, device)
+        mask = ids.new_zeros(ids.shape, dtype=torch.bool)
+        for j, seq in enumerate(seqs):
+            mask[j, :len(seq)] = True
+        response = pad_right([p.chosen_mask for p in batch] + [p.rejected_mask for p in batch], False, device, torch.bool)
+        r, mean = model(ids, mask, response, with_loglik=True)
+        total = mean * response[:, 1:].sum(1).float()
+        B = len(batch)
+        for k, v in enumerate((r[:B], r[B:], total[:B], total[B:])):
+            out[k].append(v.float().cpu())
+    return tuple(torch.cat(v) for v in out)  # type: ignore[return-value]
 
 
 def figures_of(name: str, rows: list[dict[str, Any]], baseline: str) -> dict[str, float]:
@@ -50,11 +74,10 @@ def figures_of(name: str, rows: list[dict[str, Any]], baseline: str) -> dict[str
 
 @torch.no_grad()
 def pair_figures(prefs_path: str | Path, sft_dir: Path, reward_dir: Path | None, dpo_dir: Path | None, n: int,
-                 batch_size: int, device: torch.device) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(figures, table rows {member, baseline, pairs, n, acc, ...}) for the members given."""
-    from stages import dpo as dpo_stage
-    from stages import reward as reward_stage
-
+                 batch_size: int, device: torch.device, beta: float = 0.1) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(figures, table rows {member, baseline, pairs, n, acc, ...}) for the members given. The SFT
+    model is run once: its mean log-likelihood is the reward model's prior (a zero head), its sum
+    DPO's reference."""
     tok = Tokenizer.load(sft_dir)
     sft = GPT.from_pretrained(sft_dir).to(device).eval()
     pairs = heldout_pairs(prefs_path, tok, sft.cfg.max_seq_len, n)
@@ -62,24 +85,22 @@ def pair_figures(prefs_path: str | Path, sft_dir: Path, reward_dir: Path | None,
         return {}, []
     figures: dict[str, float] = {}
     table: list[dict[str, Any]] = []
-    null = contextlib.nullcontext()
+    prior_c, prior_r, ref_c, ref_r = pair_scores_of(RewardModel(sft).to(device), pairs, batch_size, tok.pad_id, device)
     if reward_dir is not None:
-        _, prior = reward_stage.evaluate(RewardModel(sft).to(device), pairs, batch_size, tok.pad_id, device, null)
         rm = RewardModel.from_pretrained(reward_dir, device=device)
-        _, scores = reward_stage.evaluate(rm, pairs, batch_size, tok.pad_id, device, null)
-        rows = compare(pairs, scores, {"prior": prior})
+        rc, rr, _, _ = pair_scores_of(rm, pairs, batch_size, tok.pad_id, device)
+        rows = compare(pairs, pair_scores(rc - rr), {"prior": pair_scores(prior_c - prior_r)})
         figures |= figures_of("reward_model", rows, "prior")
         table += [{"member": "reward_model", "baseline": "untrained prior", **r} for r in rows]
         del rm
     if dpo_dir is not None:
-        policy = GPT.from_pretrained(dpo_dir).to(device).eval()
-        cfg = dpo_stage.Config(batch_size=batch_size)
-        ref_c, ref_r = dpo_stage.reference_logps(sft, pairs, batch_size, tok.pad_id, device, null)
-        _, scores = dpo_stage.evaluate_pairs(policy, pairs, ref_c, ref_r, cfg, tok.pad_id, device, null)
-        rows = compare(pairs, scores["pref"], {"chance": [0.5] * len(pairs)})
+        policy = RewardModel(GPT.from_pretrained(dpo_dir)).to(device)  # a zero head: only its likelihoods are read
+        _, _, pc, pr = pair_scores_of(policy, pairs, batch_size, tok.pad_id, device)
+        implicit = pair_scores(beta * ((pc - ref_c) - (pr - ref_r)))  # the sign: any beta > 0 ranks alike
+        rows = compare(pairs, implicit, {"chance": [0.5] * len(pairs)})
         figures |= figures_of("dpo", rows, "chance")
         table += [{"member": "dpo", "baseline": "chance", **r} for r in rows]
-        rows = compare(pairs, scores["logp"], {"ref": scores["ref_logp"]})
+        rows = compare(pairs, pair_scores(pc - pr), {"ref": pair_scores(ref_c - ref_r)})
         figures |= {k.replace("dpo/", "dpo_policy/").replace("dpo_vs_ref", "dpo_policy_vs_ref"): v
                     for k, v in figures_of("dpo", rows, "ref").items()}
         table += [{"member": "dpo policy likelihood", "baseline": "reference likelihood", **r} for r in rows]
