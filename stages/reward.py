@@ -92,7 +92,7 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torc
 def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int, device: torch.device,
                  with_loglik: bool = False) -> Any:
     """Rewards of the chosen and the rejected sequences, (B,) each, from one right-padded batch of 2B;
-    with_loglik: and the chosen replies' (B,) mean log-likelihood."""
+    with_loglik: and the chosen and the rejected replies' mean log-likelihoods, (B,) each."""
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     ids = pad_right(seqs, pad_id, device)  # (2B, T)
     mask = ids.new_zeros(ids.shape, dtype=torch.bool)
@@ -101,7 +101,7 @@ def pair_rewards(model: RewardModel, pairs: list[Pair], pad_id: int, device: tor
     response = pad_right([p.chosen_mask for p in pairs] + [p.rejected_mask for p in pairs], False, device, torch.bool)
     r, loglik = model(ids, mask, response, with_loglik=True)  # (2B,), (2B,)
     if with_loglik:
-        return r[:len(pairs)], r[len(pairs):], loglik[:len(pairs)]
+        return r[:len(pairs)], r[len(pairs):], loglik[:len(pairs)], loglik[len(pairs):]
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -197,7 +197,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
         lr = set_lr(optimizer, cfg, step, cfg.max_steps)
         batch = [train[i] for i in order.next()]
         with autocast:
-            rc, rr, loglik = pair_rewards(model, batch, tok.pad_id, device, with_loglik=True)
+            rc, rr, loglik, _ = pair_rewards(model, batch, tok.pad_id, device, with_loglik=True)
         loss = bradley_terry_loss(rc, rr).mean() - cfg.lm_coef * loglik.mean()
         loss.backward()
         grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)

@@ -13,7 +13,6 @@ report the same figures on val, where their settings were chosen.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +21,30 @@ import torch
 from models.gpt import GPT
 from models.heads import RewardModel
 from models.tokenizer import Tokenizer
-from stages.chat.preference import Pair, compare, pad_right, pair_scores, read_pairs
+from stages.chat.preference import Pair, compare, pair_scores, read_pairs, spread
 
 
 def heldout_pairs(prefs_path: str | Path, tok: Tokenizer, max_len: int, n: int) -> list[Pair]:
-    """At most n test pairs, evenly spread over the ids, then ordered by length (batches pad less)."""
+    """At most n test pairs (preference.spread), ordered by length (batches pad less)."""
     pairs, _ = read_pairs(prefs_path, "test", tok, max_len)
-    pairs = sorted(pairs, key=lambda p: p.id)
-    pairs = pairs[:: max(1, math.ceil(len(pairs) / n))] if pairs else []
-    return sorted(pairs, key=lambda p: (max(len(p.chosen), len(p.rejected)), p.id))
+    return sorted(spread(pairs, n), key=lambda p: (max(len(p.chosen), len(p.rejected)), p.id))
 
 
 @torch.no_grad()
 def pair_scores_of(model: RewardModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rewards (chosen, rejected) and summed response log-likelihoods (chosen, rejected), (N,) each, in
-    one pass of the model (the LM head only at the response tokens: models/heads.py)."""
+    one pass of the model (stages/reward.pair_rewards: the LM head only at the response tokens)."""
+    from stages.reward import pair_rewards
+
     out: list[list[torch.Tensor]] = [[], [], [], []]
     model.eval()
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
-        seqs = [p.chosen for p in batch] + [p.rejected for p in batch]
-        ids = pad_right(seqs, pad_id, device)
-        mask = ids.new_zeros(ids.shape, dtype=torch.bool)
-        for j, seq in enumerate(seqs):
-            mask[j, :len(seq)] = True
-        response = pad_right([p.chosen_mask for p in batch] + [p.rejected_mask for p in batch], False, device, torch.bool)
-        r, mean = model(ids, mask, response, with_loglik=True)
-        total = mean * response[:, 1:].sum(1).float()
-        B = len(batch)
-        for k, v in enumerate((r[:B], r[B:], total[:B], total[B:])):
+        rc, rr, mean_c, mean_r = pair_rewards(model, batch, pad_id, device, with_loglik=True)
+        counts_c = torch.tensor([sum(p.chosen_mask[1:]) for p in batch], dtype=torch.float32, device=device)
+        counts_r = torch.tensor([sum(p.rejected_mask[1:]) for p in batch], dtype=torch.float32, device=device)
+        for k, v in enumerate((rc, rr, mean_c * counts_c, mean_r * counts_r)):
             out[k].append(v.float().cpu())
     return tuple(torch.cat(v) for v in out)  # type: ignore[return-value]
 

@@ -63,10 +63,8 @@ def read_pairs(path: str | Path, split: str, tok: Any, max_len: int) -> tuple[li
 def train_val_pairs(path: str | Path, tok: Any, max_len: int, batch_size: int, eval_pairs: int,
                     stage: str, train_kinds: tuple[str, ...] = ()) -> tuple[list[Pair], list[Pair], int]:
     """The train pairs (only those of `train_kinds` when given; val keeps every kind), a fixed subset of
-    at most eval_pairs val pairs, and how many pairs were dropped as longer than max_len; a StageError
-    when there is not one batch to train on or no val pair to measure. The subset is evenly spread
-    over the pairs in id order (content hashes, so in effect a random sample): in file order the rows
-    of one item sit together, near miss then slip, and a stride of 2 would keep only one kind."""
+    at most eval_pairs val pairs (`spread`), and how many pairs were dropped as longer than max_len; a
+    StageError when there is not one batch to train on or no val pair to measure."""
     train, train_long = read_pairs(path, "train", tok, max_len)
     val, val_long = read_pairs(path, "val", tok, max_len)
     train = [p for p in train if not train_kinds or p.kind in train_kinds]
@@ -74,8 +72,15 @@ def train_val_pairs(path: str | Path, tok: Any, max_len: int, batch_size: int, e
         of = f" of kinds {list(train_kinds)}" if train_kinds else ""
         raise StageError(f"{stage}: {path} has {len(train)} train{of} and {len(val)} val pairs within {max_len} tokens; "
                          f"need at least batch_size={batch_size} train pairs and one val pair")
-    val = sorted(val, key=lambda p: p.id)
-    return train, val[:: max(1, math.ceil(len(val) / eval_pairs))], train_long + val_long
+    return train, spread(val, eval_pairs), train_long + val_long
+
+
+def spread(pairs: list[Pair], n: int) -> list[Pair]:
+    """At most n of `pairs`, evenly spread over them in id order (content hashes, so in effect a random
+    sample): in file order the rows of one item sit together, near miss then slip, and a stride of 2
+    over the file would keep only one kind."""
+    pairs = sorted(pairs, key=lambda p: p.id)
+    return pairs[:: max(1, math.ceil(len(pairs) / n))]
 
 
 class BatchOrder:

@@ -90,7 +90,7 @@ def chosen_loglik(model_dir, prefs) -> float:
     rm, tok = RewardModel.from_pretrained(model_dir), Tokenizer.load(model_dir)
     _, val, _ = reward.train_val_pairs(prefs.path, tok, rm.backbone.cfg.max_seq_len, 8, 64, "reward")
     with torch.no_grad():
-        _, _, loglik = reward.pair_rewards(rm.eval(), val, tok.pad_id, torch.device("cpu"), with_loglik=True)
+        _, _, loglik, _ = reward.pair_rewards(rm.eval(), val, tok.pad_id, torch.device("cpu"), with_loglik=True)
     return loglik.mean().item()
 
 
