@@ -4,8 +4,9 @@ search: the top --k passages by BM25, the embedder (dense), their fusion (hybrid
 reranked by the reranker (reranked, the default), each with its title, URL and score.
 rag: hybrid -> rerank -> the top passages in the chat model's context -> its answer, printed with
 numbered citations [n] naming each passage's title and URL and the passages themselves; when the best
-reranker score is below the reranker's threshold (chosen on val by the rerank stage) it says
-"Not found in the corpus." instead of answering, and shows the closest passages.
+reranker score is below the reranker's threshold (chosen on val by the rerank stage; none where the
+reranker lost to the first stage on val) it says "Not found in the corpus." instead of answering,
+and shows the closest passages.
 
 The retrieval logic is stages/search/pipeline.py; this module finds the artifacts and prints.
 """

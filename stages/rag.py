@@ -129,7 +129,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
     (out / "rag.json").write_text(json.dumps({"chat_model": cfg.chat_model, "top_passages": cfg.top_passages,
-                                              "threshold": retriever.threshold}, indent=2))
+                                              "threshold": retriever.threshold if retriever.threshold > float("-inf") else None},
+                                             indent=2))
     return result
 
 

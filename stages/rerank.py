@@ -27,8 +27,9 @@ answerable val questions would be refused); `abstain_offtopic` is the share of O
 (none answerable from the corpus) refused at that threshold. Gate: `reorders` says whether the
 reranked order beat the first stage's on val (nDCG@10); where it did not, `family search` and
 `family rag` keep the first stage's order (what a user sees is never the order that lost on val),
-and the reranker only scores for the threshold; `served_ndcg@10` is the test nDCG@10 of the order
-they serve. Scoring runs the prompts' shared system turn once (stages/search/encode.py).
+and no question is refused by its score (stages/search/pipeline.Retriever.threshold: the reranker
+lost on val, so its threshold is not trusted either); `served_ndcg@10` is the test nDCG@10 of the
+order they serve. Scoring runs the prompts' shared system turn once (stages/search/encode.py).
 
 Run:
     python -m stages.rerank --config c.json --inputs i.json --run-dir DIR
@@ -288,8 +289,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     served = "" if reorders else "first_stage_"
     result.metrics |= {f"served_ndcg@10{e}": test[f"{served}ndcg@10{e}"] for e in ("", "_lo", "_hi")}
     result.summary += ("\n\nOn val the reranked order " + ("beats" if reorders else "does not beat") + " the first stage's: "
-                       + ("search and rag use it." if reorders else "search and rag keep the hybrid's order and use the "
-                          "reranker's score only for the 'not found' threshold."))
+                       + ("search and rag use it." if reorders else "search and rag keep the hybrid's order and do not refuse "
+                          "by its score (no 'not found' threshold)."))
     result.metrics["samples_per_s"] = clock.rate(step * cfg.batch_size * (cfg.negatives + 1))  # prompts per training second
     ctx.tracker.log_metrics(result.metrics, step=step)
 

@@ -7,10 +7,11 @@ the rag stage and bench.retrieval use them.
 Modes: bm25 (bm25s), dense (the embedder's cosine over its passage index), hybrid (RRF k = 60 of the
 two, each ranking `first_stage_depth`), reranked (the hybrid's top `depth` reordered by the
 reranker, unless the rerank stage found on val that its order is worse: then the hybrid's order is
-kept and the reranker's scores only serve the "not found" threshold). A RAG answer (`rag_messages`) puts the top passages, numbered [1]..[n], in the chat
+kept). A RAG answer (`rag_messages`) puts the top passages, numbered [1]..[n], in the chat
 model's user turn before the question; the citations are the pipeline's (URL and title of each
 numbered passage), not the model's. Below the reranker's threshold (chosen on val by the rerank
-stage) the answer is "not found in the corpus".
+stage) the answer is "not found in the corpus"; a reranker that lost to the first stage on val sets
+no threshold (`Retriever.threshold`).
 """
 from __future__ import annotations
 
@@ -151,7 +152,12 @@ class Retriever:
 
     @property
     def threshold(self) -> float:
-        return float(self.reranker[2]["threshold"]) if self.reranker else float("-inf")
+        """The "not found" threshold: the rerank stage's, where its reranker beat the first stage on
+        val; a reranker that lost there is not trusted to refuse either (its scores would turn away
+        answerable questions at random), so nothing is refused: -inf, as without a reranker."""
+        if not self.reranker or not self.reranker[2].get("reorders", True):
+            return float("-inf")
+        return float(self.reranker[2]["threshold"])
 
 
 # -- retrieval-augmented answers -----------------------------------------------------------------------

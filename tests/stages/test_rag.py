@@ -65,3 +65,14 @@ def test_retriever_refuses_a_query_longer_than_the_embedder_context():
     hits = r.search("heappush heap item", "bm25", 3)
     assert hits[0].passage["title"].startswith("heapq") and [h.rank for h in hits] == [1, 2, 3]
     assert len(r.search("heappush heap item", "reranked", 2)) == 2
+
+
+def test_a_reranker_that_lost_on_val_sets_no_not_found_threshold():
+    paths = built()
+    r = Retriever.open(paths["passages"], paths["embedder"], paths["reranker"])
+    settings = r.reranker[2]
+    settings["reorders"], settings["threshold"] = True, 0.25
+    assert r.threshold == 0.25  # it beat the first stage on val: its threshold refuses below it
+    settings["reorders"] = False
+    assert r.threshold == float("-inf")  # it lost: not trusted to refuse either
+    assert Retriever.open(paths["passages"], paths["embedder"], None).threshold == float("-inf")
