@@ -90,6 +90,7 @@ from models.gpt import GPT
 from models.quant import load_model
 from models.tokenizer import Tokenizer
 from stages.chat.evaluate import complete, few_shot_prompt, generate_answers, pick_heldout, prompt_ids
+from stages.chat.pair_eval import pair_figures
 from stages.chat.preference import pad_right
 from stages.chat.preference import wilson as preference_wilson
 from stages.chat.verifiers import verify
@@ -97,7 +98,6 @@ from stages.contract import StageContext, StageError, StageResult, main
 from stages.report import html
 from stages.report.cards import card
 from stages.report.gates import check_gates, evaluate_gates, promoted
-from stages.chat.pair_eval import pair_figures
 from stages.report.recorded import curves, funnel, read_record, retrieval, vision, weights
 from storage.artifacts import Artifact
 from storage.parquet import iter_rows

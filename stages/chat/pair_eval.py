@@ -68,7 +68,8 @@ def figures_of(name: str, rows: list[dict[str, Any]], baseline: str) -> dict[str
 @torch.no_grad()
 def pair_figures(prefs_path: str | Path, sft_dir: Path, reward_dir: Path | None, dpo_dir: Path | None, n: int,
                  batch_size: int, device: torch.device, beta: float = 0.1) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(figures, table rows {member, baseline, pairs, n, acc, ...}) for the members given. The SFT
+    """(figures, table rows {member, baseline, baseline_key, pairs, n, acc, ...}) for the members given
+    (baseline_key names the row's gain_over_<key> columns). The SFT
     model is run once: its mean log-likelihood is the reward model's prior (a zero head), its sum
     DPO's reference."""
     tok = Tokenizer.load(sft_dir)
@@ -84,7 +85,7 @@ def pair_figures(prefs_path: str | Path, sft_dir: Path, reward_dir: Path | None,
         rc, rr, _, _ = pair_scores_of(rm, pairs, batch_size, tok.pad_id, device)
         rows = compare(pairs, pair_scores(rc - rr), {"prior": pair_scores(prior_c - prior_r)})
         figures |= figures_of("reward_model", rows, "prior")
-        table += [{"member": "reward_model", "baseline": "untrained prior", **r} for r in rows]
+        table += [{"member": "reward_model", "baseline": "untrained prior", "baseline_key": "prior", **r} for r in rows]
         del rm
     if dpo_dir is not None:
         policy = RewardModel(GPT.from_pretrained(dpo_dir)).to(device)  # a zero head: only its likelihoods are read
@@ -92,9 +93,10 @@ def pair_figures(prefs_path: str | Path, sft_dir: Path, reward_dir: Path | None,
         implicit = pair_scores(beta * ((pc - ref_c) - (pr - ref_r)))  # the sign: any beta > 0 ranks alike
         rows = compare(pairs, implicit, {"chance": [0.5] * len(pairs)})
         figures |= figures_of("dpo", rows, "chance")
-        table += [{"member": "dpo", "baseline": "chance", **r} for r in rows]
+        table += [{"member": "dpo", "baseline": "chance", "baseline_key": "chance", **r} for r in rows]
         rows = compare(pairs, pair_scores(pc - pr), {"ref": pair_scores(ref_c - ref_r)})
         figures |= {k.replace("dpo/", "dpo_policy/").replace("dpo_vs_ref", "dpo_policy_vs_ref"): v
                     for k, v in figures_of("dpo", rows, "ref").items()}
-        table += [{"member": "dpo policy likelihood", "baseline": "reference likelihood", **r} for r in rows]
+        table += [{"member": "dpo policy likelihood", "baseline": "reference likelihood", "baseline_key": "ref", **r}
+                  for r in rows]
     return figures, table

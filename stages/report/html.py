@@ -205,7 +205,7 @@ def lm_eval_section(ev: dict[str, Any]) -> str:
 def pairs_section(ev: dict[str, Any]) -> str:
     rows = []
     for r in ev.get("pairs", []):
-        base = "prior" if r["baseline"] == "untrained prior" else "chance" if r["baseline"] == "chance" else "ref"
+        base = r["baseline_key"]
         d, half = r[f"gain_over_{base}"], r[f"gain_over_{base}_ci95"]
         rows.append([esc(r["member"]), esc(r["pairs"]), str(r["n"]), interval(r["acc"], r["acc_lo"], r["acc_hi"]),
                      f"{esc(r['baseline'])} {num(r[base])}", f"{d:+.3f} [{d - half:+.3f}, {d + half:+.3f}]"])
