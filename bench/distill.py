@@ -45,7 +45,7 @@ def measure(student: GPT, teacher: GPT, val: list, pad_id: int) -> dict[str, flo
     for lo in range(0, len(val), 32):
         x, y = D.batch_of(val[lo:lo + 32], pad_id, torch.device("cpu"))
         m = y != D.IGNORE
-        ce += F.cross_entropy(student(x)[0][m], y[m], reduction="sum").item()
+        ce += F.cross_entropy(student(x, at=m)[0], y[m], reduction="sum").item()
         n += int(m.sum())
     out = {"val_ce": ce / n, **D.agreement(student, teacher, val, pad_id, 32, torch.device("cpu"))}
     student.train()
@@ -57,7 +57,8 @@ def train(student: GPT, teacher: GPT | None, train_set: list, steps: int, cfg: D
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0)).tolist()
     mean_len = sum(len(x) for x, _ in train_set) / len(train_set)
-    f = student.flops_per_token(mean_len) + (teacher.flops_per_token(mean_len) / 3 if teacher is not None else 0.0)
+    fs, ft = D.train_flops(student, mean_len), (D.train_flops(teacher, mean_len) if teacher is not None else (0.0, 0.0))
+    f = (fs[0] + ft[0] / 3, fs[1] + ft[1] / 3)  # (per position, per scored position), as the stage counts
     flops, B = 0.0, 16
     student.train()
     for step in range(steps):
@@ -65,14 +66,15 @@ def train(student: GPT, teacher: GPT | None, train_set: list, steps: int, cfg: D
             g["lr"] = cfg.lr * min(1.0, (step + 1) / 10)
         idx = [order[(step * B + i) % len(order)] for i in range(B)]
         x, y = D.batch_of([train_set[i] for i in idx], pad_id, torch.device("cpu"))
-        t = teacher(x)[0] if teacher is not None else None
+        at = y != D.IGNORE
+        t = teacher(x, at=at)[0] if teacher is not None else None
         alpha = cfg.alpha if teacher is not None else 1.0
-        loss, _ = D.distill_loss(student(x)[0], t, y, alpha, cfg.temperature, cfg.beta)
+        loss, _ = D.distill_loss(student(x, at=at)[0], t, y[at], alpha, cfg.temperature, cfg.beta)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        flops += x.numel() * f
+        flops += x.numel() * f[0] + int(at.sum()) * f[1]
     return flops
 
 

@@ -30,8 +30,10 @@ SFT data; teacher logits on every assistant token) and, on-policy, its own answe
 
 The baseline, in the same run at equal compute: the same student shape, init and data order trained
 with CE only (alpha = 1, no teacher), for as many steps as cost the FLOPs the distillation run spent,
-counting its teacher forwards (and, on-policy, the sampling): ce_only_steps = steps * (F_student_train +
-F_teacher_forward) / F_student_train with F from GPT.flops_per_token. Its accuracy is ce_only_acc/<task>.
+counting its teacher forwards (and, on-policy, the sampling): ce_only_steps = FLOPs_kd / (the mean
+FLOPs of a student training step in the kd run), with FLOPs from GPT.flops_per_token split at the
+output head (`train_flops`): both models run their 4k-row head only on the assistant tokens the loss
+reads (about 20% of a padded batch), their bodies on every position. Its accuracy is ce_only_acc/<task>.
 
 Held-out: acc/<task> (greedy, stages/chat/evaluate.py) of the student, ce_only_acc/<task>, and
 teacher_acc/<task> (read from the teacher's meta.json when the GRPO stage measured it on the same
@@ -162,8 +164,8 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.T
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
                  alpha: float, temperature: float = 1.0, beta: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """alpha * CE + (1 - alpha) * T^2 * D_beta(softmax(teacher / T), softmax(student / T)), both terms
-    averaged over the tokens whose target is not -100. student/teacher logits (B, T, V), targets
-    (B, T). teacher_logits None means CE only (alpha must be 1). Returns the loss and detached
+    averaged over the tokens whose target is not -100. student/teacher logits (..., V), targets
+    (...): (B, T, V) and (B, T), or only the scored rows, (N, V) and (N,). teacher_logits None means CE only (alpha must be 1). Returns the loss and detached
     stats: ce, kd (the scaled divergence term)."""
     mask = targets != IGNORE  # (B, T)
     s = student_logits[mask].float()  # (N, V)
@@ -274,6 +276,14 @@ def prune(teacher: GPT, scfg: GPTConfig, imp: dict[str, Any]) -> GPT:
     return student
 
 
+def train_flops(model: GPT, seq_len: float) -> tuple[float, float]:
+    """Training FLOPs (forward + backward; a third of each for a forward) per position that runs the
+    body, and per position that also runs the head: GPT.flops_per_token split at the output head,
+    which runs only on the positions the loss reads (GPT.forward's `at`)."""
+    head = 6.0 * model.lm_head.weight.numel()
+    return model.flops_per_token(seq_len) - head, head
+
+
 # -- data --------------------------------------------------------------------------------------------
 
 
@@ -332,7 +342,7 @@ def agreement(student: GPT, teacher: GPT, examples: list[tuple[list[int], list[i
     for lo in range(0, len(examples), batch_size):
         x, y = batch_of(examples[lo:lo + batch_size], pad_id, device)
         mask = y != IGNORE
-        s, t = student(x)[0][mask].float(), teacher(x)[0][mask].float()
+        s, t = student(x, at=mask)[0].float(), teacher(x, at=mask)[0].float()
         kl += divergence(F.log_softmax(t, -1), F.log_softmax(s, -1), 0.0).sum().item()
         agree += int((s.argmax(-1) == t.argmax(-1)).sum())
         n += int(mask.sum())
@@ -385,12 +395,14 @@ def train_student(student: GPT, teacher: GPT | None, cfg: Config, ctx: StageCont
     pctx.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     tok, train = data["tok"], data["train"]
     optimizer = adamw(student, cfg, device)
-    order = BatchOrder(len(train), cfg.batch_size, ctx.seed)  # the same data order in both phases
+    # the same data order in both phases, batches of similar length (less padding)
+    order = BatchOrder(len(train), cfg.batch_size, ctx.seed, lengths=[len(x) for x, _ in train])
     ck = resume(pctx, student, optimizer, device, order=order)
     step, curve, flops, tokens = ck.get("step", 0), ck.get("curve", []), ck.get("flops", 0.0), ck.get("tokens", 0)
+    student_flops = ck.get("student_flops", 0.0)
     clock = Clock(ck.get("elapsed_s", 0.0))
-    f_student = student.flops_per_token(data["mean_len"])  # forward + backward
-    f_teacher = teacher.flops_per_token(data["mean_len"]) / 3 if teacher is not None else 0.0  # forward only
+    f_student = train_flops(student, data["mean_len"])  # (per position, per scored position): forward + backward
+    f_teacher = tuple(f / 3 for f in train_flops(teacher, data["mean_len"])) if teacher is not None else (0.0, 0.0)
     student.train()
     # the running sums since the last log travel in checkpoints: a resumed run logs (and saves) the same curve
     sums: dict[str, float] = dict(ck.get("log_sums", {}))
@@ -403,22 +415,25 @@ def train_student(student: GPT, teacher: GPT | None, cfg: Config, ctx: StageCont
             gen = torch.Generator(device=device).manual_seed(ctx.seed * 1_000_003 + step)
             with autocast:
                 x, y = on_policy_batch(student, tok, [data["train_prompts"][i] for i in idx], cfg.gen_tokens, gen, device)
-            flops += x.numel() * f_student / 3  # sampling: about one forward per token
+            flops += x.numel() * sum(f_student) / 3  # sampling: about one forward (body and head) per token
             alpha = 0.0
         else:
             x, y = batch_of([train[i] for i in idx], tok.pad_id, device)
             alpha = cfg.alpha if teacher is not None else 1.0
+        at = y != IGNORE  # the heads run only where the loss reads them
         with autocast:
-            logits = student(x)[0]  # (B, T, V)
+            logits = student(x, at=at)[0]  # (N, V)
             with torch.no_grad():
-                t_logits = teacher(x)[0] if teacher is not None else None
-        loss, stats = distill_loss(logits, t_logits, y, alpha, cfg.temperature, cfg.beta)
+                t_logits = teacher(x, at=at)[0] if teacher is not None else None
+        loss, stats = distill_loss(logits, t_logits, y[at], alpha, cfg.temperature, cfg.beta)
         loss.backward()
         grad_norm = clip_gradients(student.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        flops += x.numel() * (f_student + f_teacher)
+        n_at = int(at.sum())
+        student_flops += x.numel() * f_student[0] + n_at * f_student[1]
+        flops += x.numel() * (f_student[0] + f_teacher[0]) + n_at * (f_student[1] + f_teacher[1])
         tokens += x.numel()
         for k, v in {"loss": loss.item(), "ce": stats["ce"].item(), "kd": stats["kd"].item(), "on_policy": float(online)}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -430,11 +445,12 @@ def train_student(student: GPT, teacher: GPT | None, cfg: Config, ctx: StageCont
             ctx.progress(step, total_steps, phase, loss=point["train/loss"])
             sums, n_log = {}, 0
         checkpoint(pctx, step, student, optimizer, cfg, clock, order=order, curve=curve, flops=flops, tokens=tokens,
-                   log_sums=sums, log_n=n_log)
+                   student_flops=student_flops, log_sums=sums, log_n=n_log)
     checkpoint(pctx, step, student, optimizer, cfg, clock, final=True, order=order, curve=curve, flops=flops, tokens=tokens,
-               log_sums=sums, log_n=n_log)
+               student_flops=student_flops, log_sums=sums, log_n=n_log)
     student.eval()
-    return {"steps": step, "total_steps": total_steps, "flops": flops, "tokens": tokens, "curve": curve, "clock": clock,
+    return {"steps": step, "total_steps": total_steps, "flops": flops, "student_flops": student_flops, "tokens": tokens,
+            "curve": curve, "clock": clock,
             "seconds": clock.seconds, "stop": stopped_by(step, total_steps)}
 
 
@@ -537,7 +553,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     if cfg.ce_baseline:
         ce_model = GPT(scfg).to(device)
         ce_model.load_state_dict(init_state)
-        ce_steps = max(1, round(kd["flops"] / (ce_model.flops_per_token(data["mean_len"]) * kd["tokens"] / max(1, kd["steps"]))))
+        ce_steps = max(1, round(kd["flops"] / (kd["student_flops"] / max(1, kd["steps"]))))  # a student step's mean cost
         ce = train_student(ce_model, None, cfg, ctx, "ce_only", data, ce_steps, rt)
     derived.update(kd_seconds=kd["seconds"], ce_only_seconds=ce["seconds"] if ce else 0.0)
 

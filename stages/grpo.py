@@ -210,11 +210,11 @@ def policy_update(policy: GPT, ref: GPT, optimizer: torch.optim.Optimizer, tok: 
     ids = pad_right(seqs, tok.pad_id, device)  # (N, T)
     mask = response_mask([len(prompts[i]) for i in kept], [len(s) for s in seqs], ids.shape[1], device)  # (N, T-1)
     with torch.no_grad(), autocast:
-        ref_logps = token_logps(ref, ids)
-        old_logps = token_logps(policy, ids) if cfg.mu > 1 else None
+        ref_logps = token_logps(ref, ids, mask)
+        old_logps = token_logps(policy, ids, mask) if cfg.mu > 1 else None
     for _ in range(cfg.mu):
         with autocast:
-            logps = token_logps(policy, ids)  # (N, T-1)
+            logps = token_logps(policy, ids, mask)  # (N, T-1), 0 off the mask
         loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps, adv, mask,
                                 cfg.clip_eps, cfg.beta)
         loss.backward()

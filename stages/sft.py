@@ -253,7 +253,7 @@ def eval_loss(model: GPT, rows: torch.Tensor, batch_size: int, pack: bool, devic
         x, y, docs = to_batch(rows[lo:lo + batch_size], device)
         n = int((y != IGNORE).sum())
         with autocast:
-            _, loss = model(x, y, doc_ids=docs if pack else None)
+            _, loss = model(x, y, doc_ids=docs if pack else None, at=y != IGNORE)
         total += loss.item() * n
         count += n
     if world_size > 1:
@@ -397,7 +397,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             rows, n_batch = rank_rows(rows, ctx.rank, ctx.world_size, tok.pad_id)
         x, y, docs = to_batch(rows, device)  # (B, T) each
         with autocast:
-            logits, loss = train_model(x, y, doc_ids=docs if cfg.pack else None)
+            logits, loss = train_model(x, y, doc_ids=docs if cfg.pack else None, at=y != IGNORE)
         if rt.ddp:
             loss = rank_loss(loss, logits, y, n_batch, ctx.world_size)
         loss.backward()

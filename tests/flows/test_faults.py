@@ -8,6 +8,7 @@ has the same fingerprint and every output the same content hash (data stages byt
 training stages identical weights and model directories)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.prefect_env import api_server
 from storage.artifacts import ArtifactStore
 from storage.home import Home
 
@@ -30,16 +32,36 @@ REPO = Path(__file__).resolve().parents[2]
 TOY = str(Path(__file__).parent / "toy" / "toy.yaml")
 
 
-def env_for(home: Path) -> dict[str, str]:
+def env_for(home: Path, api: str | None = None) -> dict[str, str]:
     env = dict(os.environ, FAMILY_HOME=str(home), PYTHONPATH=str(REPO))
     for k in ("PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(k, None)
+    if api:
+        env["PREFECT_API_URL"] = api
     return env
 
 
-def start(home: Path, *args: str) -> subprocess.Popen:
+@contextlib.contextmanager
+def one_api_server(root: Path):
+    """One Prefect API server for every run of a test, as a user with `family ui` open has: each
+    `family run` then talks to it instead of starting its own (~11 s a process, twenty times here).
+    The server is the test's child, outside the run's process group, so it outlives every kill."""
+    saved = {k: os.environ.pop(k, None) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    home = Home(root)
+    os.environ["PREFECT_HOME"] = str(home.prefect_home)
+    try:
+        with api_server(home) as url:
+            yield url
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def start(home: Path, *args: str, api: str | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args, "--home", str(home), "--no-track"],
-                            cwd=REPO, env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=env_for(home, api), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -61,9 +83,14 @@ def assert_nothing_half_written(home: Path) -> None:
 
 
 def test_kill_9_at_a_random_point_of_every_stage_then_rerun(tmp_path):
+    with one_api_server(tmp_path / "server") as api:
+        kill_every_stage_then_rerun(tmp_path, api)
+
+
+def kill_every_stage_then_rerun(tmp_path: Path, api: str) -> None:
     ref = tmp_path / "ref"
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--recipe", "micro", "--home", str(ref), "--no-track"],
-                          cwd=REPO, env=env_for(ref), capture_output=True, text=True, timeout=900)
+                          cwd=REPO, env=env_for(ref, api), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = contents(ref)
     seconds = {s: json.loads((ref / "artifacts" / s / fp / "result.json").read_text()).get("seconds", 1.0)
@@ -72,7 +99,7 @@ def test_kill_9_at_a_random_point_of_every_stage_then_rerun(tmp_path):
     home, rng = tmp_path / "faulted", random.Random(0)
     killed: list[str] = []
     for attempt in range(len(expected) + 5):
-        p = start(home, "--recipe", "micro")
+        p = start(home, "--recipe", "micro", api=api)
         running: list[str] = []
 
         def follow() -> None:

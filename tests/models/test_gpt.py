@@ -59,6 +59,26 @@ def test_loss_ignores_minus_100_targets():
     torch.testing.assert_close(loss, expected)
 
 
+def test_head_at_masked_positions_gives_the_same_logits_loss_and_gradients():
+    model = tiny().train()
+    x = torch.randint(0, V, (3, 12))
+    targets = x.roll(-1, 1)
+    targets[:, :7] = -100
+    targets[1] = -100  # a row without targets
+    full_logits, full_loss = model(x, targets)
+    full_loss.backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    at = targets != -100
+    logits, loss = model(x, targets, at=at)
+    loss.backward()
+    assert logits.shape == (int(at.sum()), V)
+    torch.testing.assert_close(logits, full_logits[at])
+    torch.testing.assert_close(loss, full_loss)
+    for g, p in zip(full_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
 def test_backward_reaches_every_parameter():
     model = tiny(tie_embeddings=False).train()
     x = torch.randint(0, V, (2, 10))

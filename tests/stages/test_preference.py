@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 
+from models.gpt import GPT, GPTConfig
 from stages.chat.preference import (
-    Pair, accuracy_by_kind, accuracy_by_task, compare, compare_markdown, mean_ci95, pair_scores, wilson,
+    Pair, accuracy_by_kind, accuracy_by_task, compare, compare_markdown, mean_ci95, pair_scores, response_mask,
+    token_logps, wilson,
 )
 from stages.contract import StageError
 
@@ -67,3 +69,42 @@ def test_trainers_never_read_the_test_split(tmp_path):
     assert len(train_val_pairs(tmp_path / "prefs", make_tokenizer(), 64, 2, 10, "x", train_kinds=("near_miss",))[0]) == 4
     with pytest.raises(StageError, match="0 train of kinds \\['slip'\\]"):
         train_val_pairs(tmp_path / "prefs", make_tokenizer(), 64, 2, 10, "x", train_kinds=("slip",))
+
+
+def test_token_logps_on_a_mask_equal_the_full_ones_there_and_are_zero_elsewhere():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)).eval()
+    ids = torch.randint(0, 61, (3, 10))
+    mask = response_mask([4, 2, 9], [10, 7, 10], 10)  # (3, 9)
+    full, part = token_logps(model, ids), token_logps(model, ids, mask)
+    torch.testing.assert_close(part[mask], full[mask])
+    assert (part[~mask] == 0).all() and mask.sum() == 6 + 5 + 1
+
+
+def test_batch_order_buckets_by_length_within_windows_and_resumes():
+    import numpy as np
+
+    from stages.chat.preference import BatchOrder
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 200, size=203).tolist()
+    plain, bucketed = BatchOrder(203, 8, 3), BatchOrder(203, 8, 3, lengths=lengths, window=4)
+    epoch_plain = [plain.next() for _ in range(25)]
+    epoch_bucketed = [bucketed.next() for _ in range(25)]
+    # without lengths the order is the seeded permutation, as before
+    assert sum(epoch_plain, []) == np.random.default_rng([3, 0]).permutation(203)[:200].tolist()
+    # the same examples in the epoch, each window holding the plain order's examples of that window
+    assert sorted(sum(epoch_bucketed, [])) == sorted(sum(epoch_plain, []))
+    for w in range(0, 25, 4):
+        assert sorted(sum(epoch_bucketed[w:w + 4], [])) == sorted(sum(epoch_plain[w:w + 4], []))
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+    assert padding(epoch_bucketed) < 0.5 * padding(epoch_plain)
+    # a new epoch reshuffles; a resumed order continues exactly
+    nxt = bucketed.next()
+    assert nxt not in epoch_bucketed
+    again = BatchOrder(203, 8, 3, lengths=lengths, window=4)
+    again.load_state_dict({"epoch": 0, "position": 80})
+    assert [again.next() for _ in range(16)] == epoch_bucketed[10:] + [nxt]
+    with pytest.raises(ValueError, match="3 lengths for 203"):
+        BatchOrder(203, 8, 3, lengths=[1, 2, 3])
