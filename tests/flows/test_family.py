@@ -233,7 +233,7 @@ def test_a_damaged_artifact_is_rebuilt_with_one_warning(tmp_path, calls, prefect
 
     assert cli(["verify", "--recipe", TOY, "--home", str(home)]) == 1
     out = capsys.readouterr().out
-    assert f"x  square" in out and str(f) in out and "1 damaged" in out
+    assert "x  square" in out and str(f) in out and "1 damaged" in out
     assert cli(["status", "--recipe", TOY, "--home", str(home)]) == 0
     assert "damaged" in capsys.readouterr().out
 
