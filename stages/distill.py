@@ -43,19 +43,21 @@ kd_gain_ci95/<task>); kl_to_teacher (KL(p || q) at T = 1 per assistant token of 
 conversations) and top1_agreement (share of those tokens where both argmaxes agree), for the student
 and the CE-only one (ce_only_kl_to_teacher, ...); params and teacher_params.
 
-Measured on the tiny family (300 steps of 16 conversations, under one epoch of the chat data): the
-half-width student reaches arith / count / string / wordprob 0.05 / 0.40 / 0.86 / 0.03 against the
-teacher's 0.97 / 0.54 / 1.00 / 0.66, and the CE-only student at equal compute (586 steps, no teacher
-forwards) 0.23 / 0.44 / 0.98 / 0.11. Why (`python -m bench.distill`, val CE per assistant token from
-the same pruned init): per step the teacher's soft targets help a little (300 steps: KD 0.696, CE
-0.706; CE at equal FLOPs, 586 steps: 0.648), but a teacher forward costs about as much as a
-student's training step here (the 4096-row head dominates both), so CE gets twice the steps for the
-same FLOPs and wins. The targets of these tasks are deterministic (the teacher is near one-hot on
-them: little dark knowledge to transfer), and pruning half the width leaves a student at CE 5.9
-(random: 8.3), which 300 steps cannot rebuild. On-policy distillation (on_policy 0.5, JSD beta 0.5)
-was worse still (string 0.18): the pruned student's samples are noise at first. Distillation pays
-when the teacher is cheap relative to the student's training step or the data is repeated (cached
-teacher logits amortised over epochs), neither true under this stage's 90-second budget.
+Measured on the tiny family (300 steps of 16 conversations, under one epoch of the chat data; at
+4f0da44): the half-width student reaches arith / count / string / wordprob 0.05 / 0.46 / 0.76 / 0.03
+against the teacher's 0.89 / 0.56 / 0.99 / 0.63, and the CE-only student at equal compute (635
+steps, no teacher forwards) 0.18 / 0.31 / 0.98 / 0.04: KD wins on counting (+0.15 +- 0.07), where the
+teacher is unsure, and loses where its targets are near one-hot. Why (`python -m bench.distill`,
+val CE per assistant token from the same pruned init): per step the teacher's soft targets help
+(300 steps: KD 0.518, CE 0.545; CE at equal FLOPs, 658 steps: 0.449), but a teacher forward costs
+more than a student's training step here (both run the 4096-row head on the assistant tokens, and
+the teacher's body is 4x the student's), so CE gets over twice the steps for the same FLOPs and
+wins. The targets of these tasks are deterministic (little dark knowledge to transfer), and
+pruning half the width leaves a student at CE 5.9 (random: 8.3), which 300 steps cannot rebuild.
+On-policy distillation (on_policy 0.5, JSD beta 0.5) was worse still (string 0.18): the pruned
+student's samples are noise at first. Distillation pays when the teacher is cheap relative to the
+student's training step or the data is repeated (cached teacher logits amortised over epochs),
+neither true under this stage's 90-second budget.
 
 Deviations: the pruned student is not re-balanced after pruning (RMSNorm now averages over fewer
 channels), distillation repairs it; one teacher pass per batch (no cached teacher logits).
