@@ -115,8 +115,55 @@ def test_three_api_servers_starting_at_once_on_a_fresh_home(tmp_path):
     ("Application startup failed"). They now start one at a time and all come up."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     env["PYTHONPATH"] = str(REPO)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # no migrated template yet: each server would migrate
     procs = [subprocess.Popen([sys.executable, "-c", SERVER_ONLY, str(tmp_path / "home")], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0 and out.startswith("http://127.0.0.1:"), err
+
+
+def test_a_fresh_home_starts_its_server_from_the_users_migrated_database(tmp_path):
+    """The first server on a fresh home migrates its database (~8 s) and keeps a copy in the user's
+    cache; the next fresh home starts from that copy: Prefect's schema and block types, no runs. A
+    damaged copy is dropped, not started from, and replaced by the next migration."""
+    import importlib.metadata
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+    env.update(PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    template = tmp_path / "cache" / "family-forge" / f"prefect-{importlib.metadata.version('prefect')}.db"
+
+    def serve(name: str) -> Path:
+        p = subprocess.run([sys.executable, "-c", SERVER_ONLY, str(tmp_path / name)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=240)
+        assert p.returncode == 0 and p.stdout.startswith("http://127.0.0.1:"), p.stderr[-2000:]
+        return Home(tmp_path / name).prefect_home / "prefect.db"
+
+    def revision_and_runs(db: Path) -> tuple[str, int, int]:
+        con = sqlite3.connect(db)
+        try:
+            return (con.execute("select version_num from alembic_version").fetchone()[0],
+                    con.execute("select count(*) from flow_run").fetchone()[0],
+                    con.execute("select count(*) from block_type").fetchone()[0])
+        finally:
+            con.close()
+
+    def block_ids(db: Path) -> set[str]:
+        con = sqlite3.connect(db)
+        try:
+            return {r[0] for r in con.execute("select id from block_type")}
+        finally:
+            con.close()
+
+    first = serve("a")
+    assert template.is_file()
+    revision, runs, block_types = revision_and_runs(template)
+    assert runs == 0 and block_types > 0 and revision_and_runs(first)[0] == revision
+    second = serve("b")
+    assert revision_and_runs(second) == (revision, 0, block_types)
+    assert block_ids(second) == block_ids(template) == block_ids(first), "b started from a's copy"
+
+    template.write_bytes(b"not a database")
+    third = serve("c")
+    assert revision_and_runs(third)[0] == revision and block_ids(third).isdisjoint(block_ids(first)), "c migrated itself"
+    assert revision_and_runs(template) == (revision, 0, block_types) and block_ids(template) == block_ids(third)
