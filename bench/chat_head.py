@@ -21,6 +21,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +44,19 @@ def timed(fn, reps: int) -> tuple[float, float]:
     return statistics.median(times), loss
 
 
+def steps_of(model: GPT, loss_of: Callable[[bool], torch.Tensor]) -> Callable[[bool], Callable[[], float]]:
+    """step(at) -> a training step (loss_of(at): the forward's loss, with the head at the scored
+    positions or everywhere; then backward) that returns the loss."""
+    def step(at: bool):
+        def run() -> float:
+            loss = loss_of(at)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return loss.item()
+        return run
+    return step
+
+
 def sft_case(reps: int) -> dict[str, float]:
     model = GPT(GPTConfig(**TINY)).train()
     g = torch.Generator().manual_seed(0)
@@ -50,14 +64,7 @@ def sft_case(reps: int) -> dict[str, float]:
     docs = (torch.arange(256) // 49).expand(8, 256).contiguous()
     y = torch.where(torch.rand(8, 256, generator=g) < 0.41, x.roll(-1, 1), torch.full_like(x, IGNORE))
 
-    def step(at: bool):
-        def run() -> float:
-            _, loss = model(x, y, doc_ids=docs, at=y != IGNORE if at else None)
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            return loss.item()
-        return run
-    return compare(step, reps)
+    return compare(steps_of(model, lambda at: model(x, y, doc_ids=docs, at=y != IGNORE if at else None)[1]), reps)
 
 
 def distill_case(reps: int) -> dict[str, float]:
@@ -69,18 +76,14 @@ def distill_case(reps: int) -> dict[str, float]:
     y = torch.where((pos < lengths[:, None]) & (torch.rand(16, 80, generator=g) < 0.33), x.roll(-1, 1),
                     torch.full_like(x, IGNORE))
 
-    def step(at: bool):
-        def run() -> float:
-            mask = y != IGNORE
-            s = student(x, at=mask if at else None)[0]
-            with torch.no_grad():
-                t = teacher(x, at=mask if at else None)[0]
-            loss, _ = distill_loss(s, t, y[mask] if at else y, 0.5)
-            loss.backward()
-            student.zero_grad(set_to_none=True)
-            return loss.item()
-        return run
-    return compare(step, reps)
+    mask = y != IGNORE
+
+    def loss_of(at: bool) -> torch.Tensor:
+        s = student(x, at=mask if at else None)[0]
+        with torch.no_grad():
+            t = teacher(x, at=mask if at else None)[0]
+        return distill_loss(s, t, y[mask] if at else y, 0.5)[0]
+    return compare(steps_of(student, loss_of), reps)
 
 
 def logps_case(reps: int) -> dict[str, float]:
@@ -88,15 +91,10 @@ def logps_case(reps: int) -> dict[str, float]:
     ids = torch.randint(3, 4096, (16, 96), generator=torch.Generator().manual_seed(2))
     mask = response_mask([64] * 16, [96] * 16, 96)
 
-    def step(at: bool):
-        def run() -> float:
-            lp = token_logps(model, ids, mask) if at else token_logps(model, ids) * mask
-            loss = -lp.sum() / mask.sum()
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            return loss.item()
-        return run
-    return compare(step, reps)
+    def loss_of(at: bool) -> torch.Tensor:
+        lp = token_logps(model, ids, mask) if at else token_logps(model, ids) * mask
+        return -lp.sum() / mask.sum()
+    return compare(steps_of(model, loss_of), reps)
 
 
 def compare(step, reps: int) -> dict[str, float]:

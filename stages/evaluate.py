@@ -83,7 +83,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.generate import generate
 from models.gpt import GPT
@@ -91,7 +90,7 @@ from models.quant import load_model
 from models.tokenizer import Tokenizer
 from stages.chat.evaluate import complete, few_shot_prompt, generate_answers, pick_heldout, prompt_ids
 from stages.chat.pair_eval import pair_figures
-from stages.chat.preference import pad_right
+from stages.chat.preference import sequence_logps
 from stages.chat.preference import wilson as preference_wilson
 from stages.chat.verifiers import verify
 from stages.contract import StageContext, StageError, StageResult, main
@@ -300,23 +299,16 @@ def base_prompts(tok: Tokenizer, rows: list[dict[str, Any]], shot_pool: list[dic
 
 @torch.no_grad()
 def answer_logps(model: GPT, seqs: list[list[int]], masks: list[list[bool]], pad_id: int, batch_size: int) -> list[float]:
-    """Summed log-probability of the masked tokens of each sequence given the tokens before them.
-
-    As stages/chat/preference.sequence_logps, but the head and the softmax run only at the masked
-    positions: with a 4k vocabulary they cost more than the body, and answers are a few tokens of
-    each sequence. Sequences go in batches of similar length, right-padded (causal attention: a
-    real token never sees the padding after it)."""
+    """Summed log-probability of the masked tokens of each sequence given the tokens before them
+    (stages/chat/preference.sequence_logps: the head and the softmax run only at the masked
+    positions), in batches of similar length, right-padded (causal attention: a real token never
+    sees the padding after it)."""
     device = next(model.parameters()).device
     out = [0.0] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda j: len(seqs[j]))
     for lo in range(0, len(order), batch_size):
         chunk = order[lo:lo + batch_size]
-        ids = pad_right([seqs[j] for j in chunk], pad_id, device)  # (B, T)
-        mask = pad_right([masks[j] for j in chunk], False, device, torch.bool)[:, 1:]  # (B, T-1): target t is token t + 1
-        h = model.hidden(ids[:, :-1])[mask]  # (N, d): the positions that predict a masked token
-        logp = -F.cross_entropy(model.lm_head(h).float(), ids[:, 1:][mask], reduction="none")  # (N,)
-        rows = torch.arange(len(chunk), device=device)[:, None].expand_as(mask)[mask]  # (N,) row of each
-        sums = torch.zeros(len(chunk), device=device).index_add_(0, rows, logp)
+        sums, _ = sequence_logps(model, [seqs[j] for j in chunk], [masks[j] for j in chunk], pad_id, device)
         for j, v in zip(chunk, sums.tolist()):
             out[j] = v
     return out
