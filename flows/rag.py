@@ -3,10 +3,11 @@
 search: the top --k passages by BM25, the embedder (dense), their fusion (hybrid) or the hybrid
 reranked by the reranker (reranked, the default), each with its title, URL and score.
 rag: hybrid -> rerank -> the top passages in the chat model's context -> its answer, printed with
-numbered citations [n] naming each passage's title and URL and the passages themselves; when the best
-reranker score is below the reranker's threshold (chosen on val by the rerank stage; none where the
-reranker lost to the first stage on val) it says "Not found in the corpus." instead of answering,
-and shows the closest passages.
+numbered citations [n] naming each passage's title and URL and the passages themselves; when the
+corpus does not hold the answer (`Retriever.not_found`: the best reranker score below the
+reranker's threshold, or, where the reranker lost to the first stage on val, the question's words
+missing from the top passages; both chosen on val by the rerank stage) it says "Not found in the
+corpus." and why instead of answering, and shows the closest passages.
 
 The retrieval logic is stages/search/pipeline.py; this module finds the artifacts and prints.
 """
@@ -55,9 +56,9 @@ def rag_main(paths: dict[str, Path], question: str, k: int, max_new_tokens: int)
     except RetrievalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not hits or hits[0].score < retriever.threshold:
-        best = hits[0].score if hits else float("nan")
-        print(f"{NOT_FOUND} (best reranker score {best:.3f} is below the threshold {retriever.threshold:.3f})\n")
+    why = retriever.not_found(question, hits)
+    if why is not None:
+        print(f"{NOT_FOUND} ({why})\n")
         print("Closest passages:")
         show(hits)
         return 0

@@ -28,7 +28,10 @@ Tasks (each item gives one chat row, one near-miss prefs row and its slip rows, 
 its answer is exact):
 - docqa: closed-book questions about the modules, functions and classes the corpus documents,
   answered from that documentation (stages/chat/docqa.py): "What does json.dumps do?" -> the first
-  sentence of its docstring; "Which module provides dumps?" -> "json" (exact).
+  sentence of its docstring; "Which module provides dumps?" -> "json" (exact). With
+  `docqa_open_book`, that share of the items also gets an open-book chat row (SFT only): the same
+  question after numbered passages, the entry's own among others of its module, as `family rag`
+  asks it (`open_book_items`); the model learns to read the answer out of the passage shown.
 - arith: "What is 47 + 58?" -> "7 + 8 = 15, carry 1. 4 + 5 + 1 = 10, carry 1. 47 + 58 = 105"
   (operands 10..arith_max, operators from arith_ops; numeric: the last number). With `worked`, the
   reply works the sum out column by column, as taught at school (products by partial products),
@@ -103,7 +106,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from stages.chat.decontam import KINDS, NGRAM, SPLITS, TRAIN_SETS, decontamination, prompt_key, row_prompt
-from stages.chat.docqa import Entry, parse_pydoc, questions
+from stages.chat.docqa import Entry, context_prompt, entry_passage, numbered_passage, parse_pydoc, questions
 from stages.chat.importers import DataImportError, Example, import_file, parse_spec, to_row
 from stages.chat.verifiers import verify
 from stages.chat.worked import count_work, letters, near_miss, pick_slips, slip_work, slips_of, work
@@ -139,6 +142,8 @@ class Config:
     worked: bool = True  # arithmetic and counting replies work the answer out step by step before stating it
     letters_apart: bool = True  # count and string questions write the word's letters apart: "p y t h o n"
     max_docqa: int = 4000  # docqa items at most (0: none); a seeded sample when the corpus gives more
+    docqa_open_book: float = 0.0  # share of docqa items that also get an open-book chat row (`open_book_items`)
+    open_book_passages: int = 2  # passages in such a row: the entry's own and others of its module
     rl_per_task: int = 1000  # further problems per generated task, written to `prompts` only (GRPO's train set)
     pref_per_task: int = 0  # further problems per generated task whose pairs are its train `prefs` (0: the SFT items')
     slip_pairs: int = 1  # per worked arith, letter-count and wordprob item: prefs rows whose rejected reply slips in the work
@@ -157,6 +162,9 @@ class Config:
                      "slip_pairs", "max_skips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.docqa_open_book <= 1.0 or self.open_book_passages < 1:
+            raise ValueError(f"docqa_open_book must be in [0, 1] and open_book_passages >= 1, got "
+                             f"{self.docqa_open_book}, {self.open_book_passages}")
         if self.arith_max < 10 or not self.arith_ops or set(self.arith_ops) - set("+-*"):
             raise ValueError(f"arith_max must be >= 10 and arith_ops a non-empty subset of '+-*', got {self.arith_max}, {self.arith_ops!r}")
         if min(self.val_frac, self.test_frac) < 0.0 or self.val_frac + self.test_frac >= 1.0:
@@ -412,6 +420,31 @@ def docqa_items(entries: list[Entry], rng: random.Random, held_out: Callable[[st
     return items
 
 
+def open_book_items(cfg: Config, docqa: list[Item], entries: list[Entry]) -> list[Item]:
+    """The open-book form of a `docqa_open_book` share of the docqa items, for SFT only (chat rows; the
+    prefs and prompts rows stay closed-book): the user turn is `open_book_passages` numbered passages,
+    the item's own entry (`entry_passage`) at a random place among other entries of its module (or any
+    others), then the question, as `family rag` asks it (stages/chat/docqa.context_prompt); the reply
+    is the closed-book one. Same key, so same split."""
+    rng = random.Random(f"{cfg.seed}:docqa-open-book")
+    by_key = {f"docqa:{e.module}:{e.name}": e for e in entries}
+    by_module: dict[str, list[Entry]] = {}
+    for e in by_key.values():
+        by_module.setdefault(e.module, []).append(e)
+    everyone = list(by_key.values())
+    out = []
+    for it in docqa:
+        own = by_key.get(it.key)
+        if own is None or rng.random() >= cfg.docqa_open_book:
+            continue
+        pool = [e for e in by_module[own.module] if e is not own] or [e for e in everyone if e is not own]
+        chosen = [own] + rng.sample(pool, min(cfg.open_book_passages - 1, len(pool)))
+        rng.shuffle(chosen)
+        parts = [numbered_passage(i + 1, *entry_passage(e)) for i, e in enumerate(chosen)]
+        out.append(dataclasses.replace(it, question=context_prompt(it.question, parts)))
+    return out
+
+
 def vocabulary(counts: Counter, n: int = 3000) -> list[str]:
     """The corpus's n most frequent words (WORD: plain lowercase, 4-10 letters), ties by spelling."""
     words = sorted(counts, key=lambda w: (-counts[w], w))[:n]
@@ -521,6 +554,9 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     for item in items:
         for kind, kind_rows in item_rows(item).items():
             rows[kind].extend(kind_rows)
+    open_book = open_book_items(cfg, [it for it in items if it.task == "docqa"], entries)
+    for item in open_book:
+        rows["chat"].extend(item_rows(item)["chat"])
     sft_prompt_ids = {r["id"] for r in rows["prompts"]}
     sft_pref_ids = {r["id"] for r in rows["prefs"]}
     for item in pref_items:

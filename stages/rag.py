@@ -12,7 +12,9 @@ For each held-out docqa question (split val: no chat stage trained on it):
 Both are greedy and graded by the prompt's verifier. Reported: docqa_closed_acc and docqa_open_acc with
 95% bootstrap intervals, their paired difference, the most-common-answer baseline, and
 answer_in_context, the share of questions whose reference answer appears in the passages shown (what a
-perfect reader of the same context could reach).
+perfect reader of the same context could reach), and docqa_refused, the share of these answerable
+questions `family rag` would turn away as "not found in the corpus" (Retriever.not_found); the
+open-book answer is still generated and graded for them.
 
 Run:
     python -m stages.rag --config c.json --inputs i.json --run-dir DIR
@@ -100,13 +102,15 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # closed-book, then open-book with the reranked top passages
     budget = model.cfg.max_seq_len - cfg.max_new_tokens
     closed = generate_answers(model, tok, [r["prompt"] for r in heldout], cfg.max_new_tokens, cfg.batch_size)
-    open_prompts, shown, skipped = [], [], 0
+    open_prompts, shown, skipped, refused = [], [], 0, 0
     for i, r in enumerate(heldout):
         question = r["prompt"][-1]["content"]
         try:
             hits = retriever.search(question, "reranked", cfg.top_passages)
         except RetrievalError:
             hits, skipped = [], skipped + 1  # a question longer than the embedder's context: closed-book
+        if hits and retriever.not_found(question, hits) is not None:
+            refused += 1
         messages, used = rag_messages(question, hits, tok, budget)
         open_prompts.append(r["prompt"][:-1] + messages)
         shown.append(used)
@@ -123,6 +127,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
                for r, c, o, used in zip(heldout, closed, opened, shown)]
     result = summarize(cfg, len(heldout), ok_closed, ok_open, majority, in_context, samples)
     result.metrics["queries_too_long"] = float(skipped)
+    result.metrics["docqa_refused"] = refused / len(heldout)
+    result.summary += f"\n\n`family rag` would answer \"not found in the corpus\" to {refused} of these {len(heldout)} questions."
     ctx.tracker.log_metrics(result.metrics)
 
     out = ctx.output("rag_eval")

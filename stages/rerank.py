@@ -27,9 +27,12 @@ answerable val questions would be refused); `abstain_offtopic` is the share of O
 (none answerable from the corpus) refused at that threshold. Gate: `reorders` says whether the
 reranked order beat the first stage's on val (nDCG@10); where it did not, `family search` and
 `family rag` keep the first stage's order (what a user sees is never the order that lost on val),
-and no question is refused by its score (stages/search/pipeline.Retriever.threshold: the reranker
-lost on val, so its threshold is not trusted either); `served_ndcg@10` is the test nDCG@10 of the
-order they serve. Scoring runs the prompts' shared system turn once (stages/search/encode.py).
+and no question is refused by its score (the reranker lost on val, so its threshold is not trusted
+either): `family rag` refuses by coverage instead (stages/search/pipeline.Retriever.not_found), the
+largest idf-weighted share of the question's terms in one of the hybrid's top `coverage_depth` (5)
+passages (stages/search/bm25.coverage), with its threshold chosen the same way (the 10th
+percentile over the val questions; coverage_threshold, coverage_abstain_val,
+coverage_abstain_offtopic). `served_ndcg@10` is the test nDCG@10 of the order they serve. Scoring runs the prompts' shared system turn once (stages/search/encode.py).
 
 Run:
     python -m stages.rerank --config c.json --inputs i.json --run-dir DIR
@@ -76,7 +79,8 @@ class Config(TrainConfig):
     max_len: int = 0  # tokens per prompt; 0 = the model's max_seq_len
     depth: int = 20  # first-stage candidates reranked
     first_stage_depth: int = 100  # passages each first-stage system ranks before fusion
-    abstain_quantile: float = 0.1  # of the val queries' best scores: the "not found" threshold
+    abstain_quantile: float = 0.1  # of the val queries' best scores (and coverages): the "not found" thresholds
+    coverage_depth: int = 5  # the hybrid's top passages whose best coverage of a question is measured
     val_queries: int = 100  # val queries reranked to choose the threshold (the first by id)
     eval_batch_size: int = 32
     # the policy's knobs (stages/training.TrainConfig), with this stage's defaults
@@ -88,7 +92,8 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         TrainConfig.validate(self)
-        for name in ("negatives", "batch_size", "depth", "first_stage_depth", "eval_batch_size", "val_queries"):
+        for name in ("negatives", "batch_size", "depth", "first_stage_depth", "eval_batch_size", "val_queries",
+                     "coverage_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.bce_weight < 0 or self.max_len < 0 or not 0 <= self.abstain_quantile < 1:
@@ -164,7 +169,10 @@ def summarize(cfg: Config, derived: dict[str, Any], step: int, stop: str, test: 
              f"nDCG@10 (95% interval): reranked {fmt('')}, first stage (hybrid) {fmt('first_stage_')}; "
              f"difference {test[d]:+.3f} [{test[d + '_lo']:+.3f}, {test[d + '_hi']:+.3f}].", "",
              f"Not found below score {threshold:.3f}: refuses {abstain['abstain_val']:.0%} of val questions and "
-             f"{abstain['abstain_offtopic']:.0%} of {len(OFFTOPIC)} off-topic ones.", "", "nDCG@10 per query kind (test):", "",
+             f"{abstain['abstain_offtopic']:.0%} of {len(OFFTOPIC)} off-topic ones. Not found below coverage "
+             f"{abstain['coverage_threshold']:.2f} (the question's idf-weighted share in one of the hybrid's top "
+             f"{cfg.coverage_depth}): refuses {abstain['coverage_abstain_val']:.0%} of val questions and "
+             f"{abstain['coverage_abstain_offtopic']:.0%} of the off-topic ones.", "", "nDCG@10 per query kind (test):", "",
              markdown(table)]
     return StageResult(outputs={"reranker": {"ndcg@10": test["ndcg@10"], "threshold": threshold, "steps": step}},
                        metrics=metrics, summary="\n".join(lines), tables={"by_kind": table, "train_curve": curve},
@@ -268,13 +276,25 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
             lists[split] = (first, reranked, best)
         # off-topic questions: the same pipeline, to see how often the threshold refuses them
         rows = [{"query": q} for q in OFFTOPIC]
-        first = first_stage(rows, data, bm25, emb_model, emb_tok, settings, p_emb, cfg.first_stage_depth)
-        _, off_best = rerank_lists(model, prompt, OFFTOPIC, first, text_of, cfg.depth, max_len, cfg.eval_batch_size)
-    val_best = lists["val"][2] or lists["test"][2]  # a corpus too small for val pages falls back to test (said in derived)
-    derived["threshold_from"] = "val" if lists["val"][2] else "test"
+        off_first = first_stage(rows, data, bm25, emb_model, emb_tok, settings, p_emb, cfg.first_stage_depth)
+        _, off_best = rerank_lists(model, prompt, OFFTOPIC, off_first, text_of, cfg.depth, max_len, cfg.eval_batch_size)
+    from_split = "val" if lists["val"][2] else "test"  # a corpus too small for val pages falls back to test (said in derived)
+    derived["threshold_from"] = from_split
+    val_best = lists[from_split][2]
     threshold = float(np.quantile(val_best, cfg.abstain_quantile))
+    # the coverage rule (stages/search/bm25.coverage), which `family rag` uses where this reranker lost on val
+    val_queries = [r["query"] for r in (val_rows if from_split == "val" else data.pairs["test"])]
+
+    def coverages(queries: list[str], first: list[list[str]]) -> list[float]:
+        return [bm25.coverage(q, [row[d] for d in f[:cfg.coverage_depth]]) for q, f in zip(queries, first)]
+
+    val_cov, off_cov = coverages(val_queries, lists[from_split][0]), coverages(list(OFFTOPIC), off_first)
+    coverage_threshold = float(np.quantile(val_cov, cfg.abstain_quantile))
     abstain = {"abstain_val": float(np.mean([b < threshold for b in val_best])),
-               "abstain_offtopic": float(np.mean([b < threshold for b in off_best]))}
+               "abstain_offtopic": float(np.mean([b < threshold for b in off_best])),
+               "coverage_threshold": coverage_threshold,
+               "coverage_abstain_val": float(np.mean([c < coverage_threshold for c in val_cov])),
+               "coverage_abstain_offtopic": float(np.mean([c < coverage_threshold for c in off_cov]))}
     test, table = report({"rerank": lists["test"][1], "first_stage": lists["test"][0]}, data.pairs["test"], data.qrels,
                          {"rerank": "", "first_stage": "first_stage_"}, deltas=(("rerank", "first_stage"),))
     # the gate: the search pipeline uses the reranker's order only where it beat the first stage on val
@@ -290,7 +310,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     result.metrics |= {f"served_ndcg@10{e}": test[f"{served}ndcg@10{e}"] for e in ("", "_lo", "_hi")}
     result.summary += ("\n\nOn val the reranked order " + ("beats" if reorders else "does not beat") + " the first stage's: "
                        + ("search and rag use it." if reorders else "search and rag keep the hybrid's order and do not refuse "
-                          "by its score (no 'not found' threshold)."))
+                          "by its score: `family rag` refuses by coverage instead."))
     result.metrics["samples_per_s"] = clock.rate(step * cfg.batch_size * (cfg.negatives + 1))  # prompts per training second
     ctx.tracker.log_metrics(result.metrics, step=step)
 
@@ -298,7 +318,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     out = save_model_dir(model, base_dir, ctx.output("reranker"), hf=False)
     (out / "reranker.json").write_text(json.dumps({
         "instruction": cfg.instruction, "max_len": max_len, "yes_id": prompt.yes_id, "no_id": prompt.no_id,
-        "depth": cfg.depth, "first_stage_depth": cfg.first_stage_depth, "threshold": threshold, "reorders": reorders},
+        "depth": cfg.depth, "first_stage_depth": cfg.first_stage_depth, "threshold": threshold, "reorders": reorders,
+        "coverage_threshold": abstain["coverage_threshold"], "coverage_depth": cfg.coverage_depth},
         indent=2))
     export_reranker(model, out, out / "hf", prompt, max_len)
     write_run_meta(out, "rerank", step, cfg.max_steps, stop, result.metrics, derived, cfg, curve,

@@ -234,3 +234,28 @@ def questions(entries: list[Entry]) -> list[QA]:
         if defined_by[e.name] == 1:
             out.append(QA("where", f"Which module provides {e.name}?", e.module, True))
     return out
+
+
+# -- open-book form ---------------------------------------------------------------------------------------
+
+
+def numbered_passage(i: int, title: str, text: str) -> str:
+    """One passage as `family rag` shows it to the chat model: "[i] title" then its text."""
+    return f"[{i}] {title}\n{text}"
+
+
+def context_prompt(question: str, parts: list[str]) -> str:
+    """The open-book user turn: the numbered passages, then the question (the question alone without
+    passages). stages/search/pipeline.rag_messages and the instruct stage's open-book docqa rows
+    both write it, so SFT teaches the form that rag asks in."""
+    return "\n\n".join(parts) + f"\n\nQuestion: {question}" if parts else question
+
+
+def entry_passage(e: Entry) -> tuple[str, str]:
+    """(title, text) of an entry, shaped like the retrieval stage's passage of it: the qualified name,
+    then its head line (signature or class line) and first sentence."""
+    if e.kind == "module":
+        return e.module, f"{e.module} - {e.summary}"
+    qual = f"{e.module}.{e.name}"
+    head = f"class {qual}{e.signature}" if e.kind == "class" else f"{qual}{e.signature}"
+    return qual, f"{head} {e.summary}".strip()

@@ -8,11 +8,24 @@ so "parsing" finds "parse". The same `terms` measures a query's word overlap wit
 
     index = BM25Index.build(texts)
     ids, scores = index.search(["how to parse a query string"], k=10)   # (Q, k) each
+    index.coverage("how to parse a query string", ids[0][:5])         # in [0, 1]
+
+Coverage, the "is it in the corpus at all" signal of `family rag` (stages/search/pipeline.py): the
+largest share of the query's idf that one of the given passages holds,
+
+    coverage(q, P) = max_{p in P} sum_{t in T(q) & T(p)} idf(t) / sum_{t in T(q)} idf(t)
+
+over the query's distinct terms T(q), with BM25's idf(t) = ln(1 + (N - df_t + 0.5) / (df_t + 0.5))
+(a term no passage has gets the largest idf). A question about the corpus finds its rare words in a
+top passage (the name it asks about); an off-topic one ("the capital of Australia") does not.
 """
 from __future__ import annotations
 
 import functools
+import math
 import re
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +60,10 @@ def terms(text: str) -> list[str]:
 class BM25Index:
     """A bm25s index of passage texts; search returns row numbers into the texts it was built on."""
 
-    def __init__(self, retriever, n: int):
+    def __init__(self, retriever, n: int, doc_terms: list[frozenset[str]] | None = None):
         self.retriever, self.n = retriever, n
+        self.doc_terms = doc_terms  # each passage's distinct terms (for coverage; None after load)
+        self.df = Counter(t for d in doc_terms for t in d) if doc_terms is not None else None
 
     @classmethod
     def build(cls, texts: list[str], k1: float = 1.5, b: float = 0.75) -> "BM25Index":
@@ -57,8 +72,24 @@ class BM25Index:
         if not texts:
             raise ValueError("BM25 over no passages")
         retriever = bm25s.BM25(k1=k1, b=b)
-        retriever.index([terms(t) or ["\x00"] for t in texts], show_progress=False)
-        return cls(retriever, len(texts))
+        toks = [terms(t) or ["\x00"] for t in texts]
+        retriever.index(toks, show_progress=False)
+        return cls(retriever, len(texts), [frozenset(t) for t in toks])
+
+    def idf(self, term: str) -> float:
+        df = self.df.get(term, 0) if self.df is not None else 0
+        return math.log(1 + (self.n - df + 0.5) / (df + 0.5))
+
+    def coverage(self, query: str, rows: Sequence[int]) -> float:
+        """The largest idf-weighted share of the query's terms held by one passage of `rows` (module
+        docstring); 0 for a query without terms or no rows."""
+        if self.doc_terms is None:
+            raise ValueError("coverage needs an index built here (a loaded bm25s index keeps no term sets)")
+        q = set(terms(query))
+        total = sum(self.idf(t) for t in q)
+        if not q or total <= 0:
+            return 0.0
+        return max((sum(self.idf(t) for t in q & self.doc_terms[r]) / total for r in rows), default=0.0)
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers (Q, k) and scores (Q, k), best first; k is capped at the number of passages.

@@ -9,9 +9,13 @@ two, each ranking `first_stage_depth`), reranked (the hybrid's top `depth` reord
 reranker, unless the rerank stage found on val that its order is worse: then the hybrid's order is
 kept). A RAG answer (`rag_messages`) puts the top passages, numbered [1]..[n], in the chat
 model's user turn before the question; the citations are the pipeline's (URL and title of each
-numbered passage), not the model's. Below the reranker's threshold (chosen on val by the rerank
-stage) the answer is "not found in the corpus"; a reranker that lost to the first stage on val sets
-no threshold (`Retriever.threshold`).
+numbered passage), not the model's. "Not found in the corpus" (`Retriever.not_found`): where the
+reranker beat the first stage on val, below its score threshold; where it lost (its scores are not
+trusted to refuse either), below the coverage threshold: the largest idf-weighted share of the
+question's terms that one of the hybrid's top `coverage_depth` passages holds
+(stages/search/bm25.coverage). The rerank stage chooses both thresholds on val (each refuses
+`abstain_quantile`, 10%, of the answerable val questions) and measures how many off-topic questions
+each refuses.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from safetensors.torch import load_file
 
 from models.gpt import GPT
 from models.tokenizer import Tokenizer
+from stages.chat.docqa import context_prompt, numbered_passage
 from stages.search.bm25 import BM25Index
 from stages.search.encode import RerankPrompt, embed, embed_ids, rerank_scores
 from stages.search.metrics import rrf
@@ -159,6 +164,31 @@ class Retriever:
             return float("-inf")
         return float(self.reranker[2]["threshold"])
 
+    def coverage(self, query: str) -> float:
+        """The question's coverage by the hybrid's top `coverage_depth` passages (module docstring)."""
+        settings = self.reranker[2] if self.reranker else {}
+        top = self.hybrid(query, settings.get("coverage_depth", 5), settings.get("first_stage_depth", 100))
+        return self.bm25_index.coverage(query, [self.position[d] for d, _ in top])
+
+    def not_found(self, query: str, hits: list[Hit]) -> str | None:
+        """Why the corpus does not answer `query` (one line), or None: the reranker's threshold on the
+        best reranked score where the reranker is trusted, else the coverage threshold (module
+        docstring); with neither (no reranker, or one built before coverage), nothing is refused."""
+        if not hits:
+            return "no passage matched"
+        if self.threshold > float("-inf"):
+            if hits[0].score < self.threshold:
+                return f"best reranker score {hits[0].score:.3f} is below the threshold {self.threshold:.3f}"
+            return None
+        limit = (self.reranker[2].get("coverage_threshold") if self.reranker else None)
+        if limit is None:
+            return None
+        c = self.coverage(query)
+        if c < limit:
+            return (f"the top passages hold at most {c:.0%} of the question's terms (idf-weighted), below the "
+                    f"{limit:.0%} that 90% of answerable val questions reach")
+        return None
+
 
 # -- retrieval-augmented answers -----------------------------------------------------------------------
 
@@ -167,13 +197,12 @@ def rag_messages(question: str, hits: list[Hit], tok: Tokenizer, budget: int) ->
     """The chat model's conversation: the numbered passages that fit in `budget` tokens (each cut to
     what is left), then the question; and the hits used."""
     def render(parts: list[str]) -> list[dict[str, str]]:
-        context = "\n\n".join(parts)
-        return [{"role": "user", "content": f"{context}\n\nQuestion: {question}" if parts else question}]
+        return [{"role": "user", "content": context_prompt(question, parts)}]
 
     parts: list[str] = []
     used: list[Hit] = []
     for i, h in enumerate(hits):
-        piece = f"[{i + 1}] {h.passage['title']}\n{h.passage['text']}"
+        piece = numbered_passage(i + 1, h.passage["title"], h.passage["text"])
         room = budget - len(tok.encode(tok.apply_chat_template(render(parts + [""]), add_generation_prompt=True)))
         ids = tok.encode(piece)
         if room < 16:

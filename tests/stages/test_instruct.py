@@ -631,3 +631,24 @@ def test_preference_problems_are_new_and_are_the_only_train_pairs(tmp_path, corp
     assert {(r["id"], r["split"]) for r in plain["prefs"] if r["split"] != "train"} < held
     for split in ("val", "test"):
         assert result.metrics[f"decontam/{split}_exact_overlap"] == 0 == result.metrics[f"decontam/{split}_key_overlap"]
+
+
+def test_open_book_docqa_rows_are_chat_only_with_the_entrys_passage_in_the_rag_form(tmp_path, corpus):
+    from stages.chat.docqa import context_prompt
+
+    _, closed = run_stage(tmp_path / "closed", corpus)
+    _, both = run_stage(tmp_path / "open", corpus, docqa_open_book=1.0, open_book_passages=2)
+    user = lambda r: r["messages"][0]["content"]  # noqa: E731
+    opened = [r for r in both["chat"] if r["task"] == "docqa" and user(r).startswith("[1] ")]
+    closed_docqa = {user(r): r for r in closed["chat"] if r["task"] == "docqa"}
+    assert len(opened) == len(closed_docqa) > 0  # share 1.0: every docqa item once more, open-book
+    assert len(both["prefs"]) == len(closed["prefs"]) and len(both["prompts"]) == len(closed["prompts"])
+    for r in opened:
+        question = user(r).rsplit("\n\nQuestion: ", 1)[1]
+        twin = closed_docqa[question]  # the closed-book row of the same item: same reply, key and split
+        assert r["messages"][1:] == twin["messages"][1:] and r["key"] == twin["key"] and r["split"] == twin["split"]
+        parts = user(r).rsplit("\n\nQuestion: ", 1)[0].split("\n\n")
+        assert [p[:4] for p in parts] == ["[1] ", "[2] "] and user(r) == context_prompt(question, parts)
+        module, _, name = twin["key"].removeprefix("docqa:").partition(":")
+        own = f"{module}.{name}" if name else module
+        assert any(p.split("\n", 1)[0] == f"[{i + 1}] {own}" for i, p in enumerate(parts)), (own, parts)

@@ -42,7 +42,8 @@ def test_stage_reports_closed_and_open_book_accuracy(tmp_path):
     inputs |= {"prompts": artifact("prompts", prompts_dir(tmp_path)), "grpo": artifact("grpo", paths["base"])}
     ctx = make_ctx(tmp_path / "s")
     result = rag.run(rag.Config(max_new_tokens=4, top_passages=1), inputs, ctx)
-    for k in ("docqa_closed_acc", "docqa_open_acc", "docqa_open_acc_lo", "delta_open_closed", "answer_in_context"):
+    for k in ("docqa_closed_acc", "docqa_open_acc", "docqa_open_acc_lo", "delta_open_closed", "answer_in_context",
+              "docqa_refused"):
         assert k in result.metrics, k
     assert result.metrics["questions"] == 3
     samples = json.loads((ctx.output("rag_eval") / "samples.json").read_text())
@@ -76,3 +77,20 @@ def test_a_reranker_that_lost_on_val_sets_no_not_found_threshold():
     settings["reorders"] = False
     assert r.threshold == float("-inf")  # it lost: not trusted to refuse either
     assert Retriever.open(paths["passages"], paths["embedder"], None).threshold == float("-inf")
+
+
+def test_not_found_trusts_the_reranker_where_it_won_and_the_coverage_where_it_lost():
+    paths = built()
+    r = Retriever.open(paths["passages"], paths["embedder"], paths["reranker"])
+    settings = r.reranker[2]
+    on, off = "heappush heap item", "capital Australia volcano sourdough"
+    settings["reorders"], settings["threshold"] = True, 1e9
+    hits = r.search(on, "reranked", 3)
+    assert "below the threshold" in r.not_found(on, hits)  # the reranker is trusted: its score decides
+    settings["reorders"], settings["coverage_threshold"] = False, 0.5
+    assert r.coverage(on) == 1.0 and r.coverage(off) == 0.0
+    assert r.not_found(on, r.search(on, "reranked", 3)) is None
+    assert "0% of the question's terms" in r.not_found(off, r.search(off, "reranked", 3))
+    del settings["coverage_threshold"]  # a reranker folder from before the coverage rule: nothing refused
+    assert r.not_found(off, r.search(off, "reranked", 3)) is None
+    assert r.not_found(on, []) == "no passage matched"

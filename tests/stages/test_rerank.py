@@ -47,6 +47,9 @@ def test_stage_reports_reranked_and_first_stage_and_a_threshold():
         assert k in metrics, k
     settings = json.loads((out / "reranker.json").read_text())
     assert settings["depth"] == 5 and settings["threshold"] == metrics["threshold"]
+    # the coverage rule that `family rag` falls back on: chosen on val, measured on off-topic questions
+    assert settings["coverage_threshold"] == metrics["coverage_threshold"] and 0 < metrics["coverage_threshold"] <= 1
+    assert 0 <= metrics["coverage_abstain_val"] <= 0.5 and 0 <= metrics["coverage_abstain_offtopic"] <= 1
     assert settings["reorders"] == (metrics["val_ndcg@10"] > metrics["val_first_stage_ndcg@10"])
 
 

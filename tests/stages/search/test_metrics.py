@@ -45,3 +45,20 @@ def test_bm25_ranks_the_matching_passage_first_and_survives_unknown_words(tmp_pa
     assert rows[0, 0] == 0 and scores[0, 0] > 0 and (scores[1] == 0).all()
     index.save(tmp_path / "bm25")
     assert BM25Index.load(tmp_path / "bm25").search(["json"], 1)[0][0, 0] == 1
+
+
+def test_coverage_is_the_best_idf_weighted_share_of_the_query_terms_in_one_passage():
+    texts = ["heapq pushes an item onto the heap", "json encodes an item", "heapq pops the smallest item"]
+    index = BM25Index.build(texts)
+    n = 3
+
+    def idf(df):
+        return math.log(1 + (n - df + 0.5) / (df + 0.5))
+
+    # query terms (stemmed): heapq (df 2), item (df 3), australia (df 0)
+    total = idf(2) + idf(3) + idf(0)
+    assert math.isclose(index.coverage("heapq item Australia", [0, 1, 2]), (idf(2) + idf(3)) / total)
+    assert math.isclose(index.coverage("heapq item Australia", [1]), idf(3) / total)  # only the rows given count
+    assert index.coverage("heapq item", [0]) == 1.0
+    assert index.coverage("the of and", [0, 1, 2]) == 0.0  # stopwords only: no terms
+    assert index.coverage("heapq", []) == 0.0
