@@ -747,7 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     for name, helptext in (("search", "search the corpus: BM25, dense, hybrid or reranked"),
-                           ("rag", "answer a question from the corpus, citing the passages used")):
+                           ("rag", "answer a question from the corpus, citing the passages used, or say it is not "
+                                   "found there (and why)")):
         p = sub.add_parser(name, help=helptext, epilog=f'example: family {name} "How do I parse a URL query string?"')
         p.add_argument("query" if name == "search" else "question")
         p.add_argument("--k", type=int, default=5 if name == "search" else 2, help="passages shown (rag: put in the context)")
