@@ -85,11 +85,11 @@ class BM25Index:
         docstring); 0 for a query without terms or no rows."""
         if self.doc_terms is None:
             raise ValueError("coverage needs an index built here (a loaded bm25s index keeps no term sets)")
-        q = set(terms(query))
+        q = sorted(set(terms(query)))  # summed in one order: a set's order changes with PYTHONHASHSEED
         total = sum(self.idf(t) for t in q)
         if not q or total <= 0:
             return 0.0
-        return max((sum(self.idf(t) for t in q & self.doc_terms[r]) / total for r in rows), default=0.0)
+        return max((sum(self.idf(t) for t in q if t in self.doc_terms[r]) / total for r in rows), default=0.0)
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers (Q, k) and scores (Q, k), best first; k is capped at the number of passages.

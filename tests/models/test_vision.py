@@ -100,7 +100,12 @@ def test_conversation_lora_changes_every_token_of_image_rows_only():
     feats = m.image_features(torch.randn(1, 3, 32, 32))
     m.set_images(feats)
     mixed, _ = m.decoder(ids)
-    torch.testing.assert_close(mixed[0], before[0], rtol=0, atol=0)  # the text row is untouched
+    # the text row is untouched: exactly what the adapter-free model gives it in the same batch (a batch
+    # of another shape may take another BLAS kernel, whose sums differ in the last bit on some CPUs)
+    same_batch = tiny()
+    same_batch.set_images(feats)
+    torch.testing.assert_close(mixed[0], same_batch.decoder(ids)[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[0], before[0], rtol=0, atol=1e-5)  # and the text-only run's, up to that
     assert m.embedding.row_mask.tolist() == [False, True]
     m.decoder(torch.tensor([[9], [9]]))  # a decode step: no pads, the rows from the prefill still hold
     assert m.embedding.row_mask.tolist() == [False, True]

@@ -62,3 +62,14 @@ def test_coverage_is_the_best_idf_weighted_share_of_the_query_terms_in_one_passa
     assert index.coverage("heapq item", [0]) == 1.0
     assert index.coverage("the of and", [0, 1, 2]) == 0.0  # stopwords only: no terms
     assert index.coverage("heapq", []) == 0.0
+
+
+def test_coverage_is_the_same_number_under_any_hash_seed():
+    import subprocess
+    import sys
+
+    code = ("from stages.search.bm25 import BM25Index; i = BM25Index.build(['alpha beta gamma delta epsilon zeta', 'x']); "
+            "print(repr(i.coverage('alpha beta gamma delta epsilon zeta eta theta iota kappa', [0, 1])))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert len(outs) == 1, outs  # the artifact holding a threshold must hash the same in every run
