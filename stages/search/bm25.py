@@ -77,7 +77,7 @@ class BM25Index:
         return cls(retriever, len(texts), [frozenset(t) for t in toks])
 
     def idf(self, term: str) -> float:
-        df = self.df.get(term, 0) if self.df is not None else 0
+        df = self.df.get(term, 0)  # an index built here (see coverage)
         return math.log(1 + (self.n - df + 0.5) / (df + 0.5))
 
     def coverage(self, query: str, rows: Sequence[int]) -> float:
