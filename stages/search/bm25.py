@@ -76,8 +76,8 @@ class BM25Index:
         retriever.index(toks, show_progress=False)
         return cls(retriever, len(texts), [frozenset(t) for t in toks])
 
-    def idf(self, term: str) -> float:
-        df = self.df.get(term, 0)  # an index built here (see coverage)
+    def _idf(self, term: str) -> float:
+        df = self.df.get(term, 0)  # only coverage calls it, after checking the index was built here
         return math.log(1 + (self.n - df + 0.5) / (df + 0.5))
 
     def coverage(self, query: str, rows: Sequence[int]) -> float:
@@ -86,10 +86,11 @@ class BM25Index:
         if self.doc_terms is None:
             raise ValueError("coverage needs an index built here (a loaded bm25s index keeps no term sets)")
         q = sorted(set(terms(query)))  # summed in one order: a set's order changes with PYTHONHASHSEED
-        total = sum(self.idf(t) for t in q)
+        idf = {t: self._idf(t) for t in q}  # dicts keep q's sorted order
+        total = sum(idf.values())
         if not q or total <= 0:
             return 0.0
-        return max((sum(self.idf(t) for t in q if t in self.doc_terms[r]) / total for r in rows), default=0.0)
+        return max((sum(w for t, w in idf.items() if t in self.doc_terms[r]) / total for r in rows), default=0.0)
 
     def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Row numbers (Q, k) and scores (Q, k), best first; k is capped at the number of passages.
