@@ -24,6 +24,17 @@ def test_rerank_loss_by_hand():
     assert stats["acc"] == 1.0
 
 
+def test_easy_negatives_are_never_the_positive_or_relevant():
+    import random
+
+    row = {"id": "q1", "positive": "p1"}
+    qrels = {"q1": {"p1": 1, "p2": 1, "p3": 0}}
+    got = rerank.easy_negatives(row, qrels, ["p1", "p2", "p3", "p4"], 50, random.Random(0))
+    assert len(got) == 50 and set(got) == {"p3", "p4"}  # p3 is judged not relevant: a fair negative
+    assert got == rerank.easy_negatives(row, qrels, ["p1", "p2", "p3", "p4"], 50, random.Random(0))  # a resume draws the same
+    assert rerank.easy_negatives(row, qrels, ["p1", "p2"], 3, random.Random(0)) == []  # none left: the stage uses its pool
+
+
 def test_scores_with_the_shared_system_turn_cached_equal_the_full_forward():
     from models.gpt import GPT
     from models.tokenizer import Tokenizer
