@@ -21,7 +21,9 @@ found for a query when it is first drawn. Curriculum (`easy_steps`, off in the r
 steps draw the negatives at random among the train passages instead, which the base can tell apart
 by shared words once it has learned to match them; measured on the tiny family (val nDCG@10 of the
 hybrid's top 20, 50 queries; the hybrid 0.870): 30 steps of first-stage confusions 0.285 (chance),
-300 steps 0.342, 600 easy + 300 hard steps 0.473 (220 s of training; README, "Retrieval").
+300 steps 0.342, 600 easy + 300 hard steps 0.473 (220 s of training; README, "Retrieval"), and with
+`passage_first` (the prompt reads the passage, then the query, so the query's words sit next to the
+scored position and look back at the passage) 0.611: still below the hybrid.
 
 Evaluation: every test query's first stage is the hybrid (RRF k = 60 of BM25 and the embedder over
 ALL passages); the reranker reorders its top `depth` (20); nDCG@10 etc. of the reranked list against
@@ -77,6 +79,7 @@ GPU = True
 @dataclass(frozen=True)
 class Config(TrainConfig):
     instruction: str = RERANK_INSTRUCTION
+    passage_first: bool = False  # the prompt reads the passage, then the query (module docstring)
     negatives: int = 3  # per query and step: K of the group (1 + K)
     easy_steps: int = 0  # the first steps draw the negatives at random among train passages (module docstring)
     bce_weight: float = 1.0
@@ -200,7 +203,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     base_dir, tok, model = open_model_input(inputs, "base", "rerank", device)
     max_len = cfg.max_len or model.cfg.max_seq_len
     try:
-        prompt = RerankPrompt(tok, cfg.instruction)
+        prompt = RerankPrompt(tok, cfg.instruction, cfg.passage_first)
     except ValueError as e:
         raise StageError(f"rerank: {base_dir / 'tokenizer.json'}: {e}") from None
     data = load_data(inputs, "rerank")
@@ -334,7 +337,7 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # save: the model directory with its settings, and the sentence-transformers export
     out = save_model_dir(model, base_dir, ctx.output("reranker"), hf=False)
     (out / "reranker.json").write_text(json.dumps({
-        "instruction": cfg.instruction, "max_len": max_len, "yes_id": prompt.yes_id, "no_id": prompt.no_id,
+        "instruction": cfg.instruction, "passage_first": cfg.passage_first, "max_len": max_len, "yes_id": prompt.yes_id, "no_id": prompt.no_id,
         "depth": cfg.depth, "first_stage_depth": cfg.first_stage_depth, "threshold": threshold, "reorders": reorders,
         "coverage_threshold": abstain["coverage_threshold"], "coverage_depth": cfg.coverage_depth},
         indent=2))

@@ -13,7 +13,7 @@ Reranker (Qwen3-Reranker): query and passage in one prompt, scored by the next-t
 
 The prompt is built from token pieces, PREFIX + q + MIDDLE + p + SUFFIX, each encoded on its own
 (ChatML: a system turn with the instruction, the user turn "<Query>: q\\n<Document>: p", the
-assistant turn opened). The sentence-transformers export (stages/search/export.py) writes the same
+assistant turn opened; `passage_first` swaps the two, "<Document>: p\\n<Query>: q"). The sentence-transformers export (stages/search/export.py) writes the same
 pieces into the tokenizer's pair template, so CrossEncoder.predict tokenizes pairs exactly as we do.
 
 Sequences are right-padded and run without an attention mask: attention is causal, so a real token
@@ -82,11 +82,13 @@ def embed_texts(model: GPT, tok: Tokenizer, texts: Sequence[str], prefix: str, m
 class RerankPrompt:
     """The reranker's prompt pieces and label tokens for one tokenizer."""
 
-    def __init__(self, tok: Tokenizer, instruction: str = RERANK_INSTRUCTION):
+    def __init__(self, tok: Tokenizer, instruction: str = RERANK_INSTRUCTION, passage_first: bool = False):
         self.tok = tok
         self.instruction = instruction
-        self.prefix_text = f"{IM_START}system\n{instruction}{IM_END}\n{IM_START}user\n<Query>: "
-        self.middle_text = "\n<Document>: "
+        self.passage_first = passage_first  # "<Document>: p\n<Query>: q": the query next to the scored position
+        first, second = ("<Document>", "<Query>") if passage_first else ("<Query>", "<Document>")
+        self.prefix_text = f"{IM_START}system\n{instruction}{IM_END}\n{IM_START}user\n{first}: "
+        self.middle_text = f"\n{second}: "
         self.suffix_text = f"{IM_END}\n{IM_START}assistant\n"
         self.prefix, self.middle, self.suffix = (tok.encode(t) for t in (self.prefix_text, self.middle_text, self.suffix_text))
         # the first token of the answer words as the assistant writes them (a small BPE may split "yes")
@@ -104,7 +106,7 @@ class RerankPrompt:
         room = max(2, max_len - self.overhead)
         q = query_ids[:max(1, room // 2)]
         p = passage_ids[:max(1, room - len(q))]
-        return self.prefix + q + self.middle + p + self.suffix
+        return self.prefix + (p + self.middle + q if self.passage_first else q + self.middle + p) + self.suffix
 
     def batch(self, queries: Sequence[str], passages: Sequence[str], max_len: int) -> list[list[int]]:
         qs, ps = self.tok.encode_batch(list(queries)), self.tok.encode_batch(list(passages))

@@ -12,8 +12,8 @@ template, and the files stay readable by older versions (which ignore the key).
 
 Reranker (`CrossEncoder(dir)`, sentence-transformers >= 5.4): modules.json = Transformer
 (text-generation) -> 1_LogitScore(yes, no) with the activation Identity, so predict() returns
-logit_yes - logit_no, our score; tokenizer.json's pair template is PREFIX $A MIDDLE $B SUFFIX with the
-reranker's own token pieces (stages/search/encode.py), so a (query, passage) pair is tokenized exactly
+logit_yes - logit_no, our score; tokenizer.json's pair template is PREFIX $A MIDDLE $B SUFFIX
+(PREFIX $B MIDDLE $A SUFFIX for a passage-first prompt) with the reranker's own token pieces (stages/search/encode.py), so a (query, passage) pair is tokenized exactly
 as we do it. `seq-cls/` is the same model as Qwen3ForSequenceClassification with one label whose
 weight is lm_head[yes] - lm_head[no] (the form of tomaarsen/Qwen3-Reranker-0.6B-seq-cls), for
 sentence-transformers before 5.4 and for servers that read sequence classifiers: its score is the
@@ -109,7 +109,8 @@ def export_reranker(model: GPT, tokenizer_dir: Path, out: Path, prompt: RerankPr
     tok = prompt.tok
     pieces = {"PREFIX": prompt.prefix, "MIDDLE": prompt.middle, "SUFFIX": prompt.suffix}
     special = {k: _special(k, v, tok) for k, v in pieces.items()}
-    pair = [_piece("PREFIX"), _seq("A"), _piece("MIDDLE"), _seq("B", 1), _piece("SUFFIX")]
+    first, second = (_seq("B", 1), _seq("A")) if prompt.passage_first else (_seq("A"), _seq("B", 1))
+    pair = [_piece("PREFIX"), first, _piece("MIDDLE"), second, _piece("SUFFIX")]
     set_post_processor(out, [_piece("PREFIX"), _seq("A"), _piece("SUFFIX")], pair, special)
     _tokenizer_config(out, max_seq_length, "left")
     (out / "modules.json").write_text(json.dumps([

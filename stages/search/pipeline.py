@@ -95,7 +95,8 @@ class Retriever:
                 rr_settings = json.loads((rr_dir / "reranker.json").read_text())
             except (OSError, ValueError) as e:
                 raise RetrievalError(f"reranker at {rr_dir}: no reranker.json ({e}); rebuild the rerank stage") from None
-            reranker = (rr_model, RerankPrompt(rr_tok, rr_settings["instruction"]), rr_settings)
+            prompt = RerankPrompt(rr_tok, rr_settings["instruction"], rr_settings.get("passage_first", False))
+            reranker = (rr_model, prompt, rr_settings)
         return cls(passages, (emb_model, emb_tok, settings, p_emb), reranker)
 
     # -- one query ----------------------------------------------------------------------------------

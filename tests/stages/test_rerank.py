@@ -95,9 +95,29 @@ def test_cross_encoder_predict_gives_our_scores(folder):
     out = built()["reranker"]
     model, tok = GPT.from_pretrained(out).eval(), Tokenizer.load(out)
     settings = json.loads((out / "reranker.json").read_text())
-    prompt = RerankPrompt(tok, settings["instruction"])
+    prompt = RerankPrompt(tok, settings["instruction"], settings["passage_first"])
     pairs = [("How to encode JSON?", "json.dumps(obj) Serialize obj to a JSON formatted str."),
              ("cube root", "math.cbrt(x, /) Return the cube root of x."), ("heap", "Push item onto heap.")]
     ours = rerank_scores(model, prompt, [q for q, _ in pairs], [p for _, p in pairs], settings["max_len"])
     theirs = st.CrossEncoder(str(out / folder), device="cpu", local_files_only=True).predict(pairs)
     assert torch.allclose(ours, torch.tensor(theirs, dtype=torch.float), atol=1e-4)
+
+
+def test_a_passage_first_prompt_exports_with_its_order(tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    from models.gpt import GPT
+    from models.tokenizer import Tokenizer
+    from stages.search.export import export_reranker
+
+    out = built()["reranker"]
+    model, tok = GPT.from_pretrained(out).eval(), Tokenizer.load(out)
+    prompt = RerankPrompt(tok, "Relevant?", passage_first=True)
+    ids = prompt.ids(tok.encode("heap"), tok.encode("Push item."), 64)
+    assert tok.decode(ids).index("<Document>: Push item.") < tok.decode(ids).index("<Query>: heap")
+    export_reranker(model, out, tmp_path / "hf", prompt, 64)
+    pairs = [("How to encode JSON?", "json.dumps(obj) Serialize obj to a JSON formatted str."), ("heap", "Push item onto heap.")]
+    ours = rerank_scores(model, prompt, [q for q, _ in pairs], [p for _, p in pairs], 64)
+    theirs = st.CrossEncoder(str(tmp_path / "hf"), device="cpu", local_files_only=True).predict(pairs)
+    assert torch.allclose(ours, torch.tensor(theirs, dtype=torch.float), atol=1e-4)
+    assert not torch.allclose(ours, rerank_scores(model, RerankPrompt(tok, "Relevant?"), [q for q, _ in pairs],
+                                                  [p for _, p in pairs], 64), atol=1e-4)  # the order is read
