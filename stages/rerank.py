@@ -337,7 +337,8 @@ def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageRes
     # save: the model directory with its settings, and the sentence-transformers export
     out = save_model_dir(model, base_dir, ctx.output("reranker"), hf=False)
     (out / "reranker.json").write_text(json.dumps({
-        "instruction": cfg.instruction, "passage_first": cfg.passage_first, "max_len": max_len, "yes_id": prompt.yes_id, "no_id": prompt.no_id,
+        "instruction": cfg.instruction, "passage_first": cfg.passage_first, "max_len": max_len,
+        "yes_id": prompt.yes_id, "no_id": prompt.no_id,
         "depth": cfg.depth, "first_stage_depth": cfg.first_stage_depth, "threshold": threshold, "reorders": reorders,
         "coverage_threshold": abstain["coverage_threshold"], "coverage_depth": cfg.coverage_depth},
         indent=2))

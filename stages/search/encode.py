@@ -13,8 +13,9 @@ Reranker (Qwen3-Reranker): query and passage in one prompt, scored by the next-t
 
 The prompt is built from token pieces, PREFIX + q + MIDDLE + p + SUFFIX, each encoded on its own
 (ChatML: a system turn with the instruction, the user turn "<Query>: q\\n<Document>: p", the
-assistant turn opened; `passage_first` swaps the two, "<Document>: p\\n<Query>: q"). The sentence-transformers export (stages/search/export.py) writes the same
-pieces into the tokenizer's pair template, so CrossEncoder.predict tokenizes pairs exactly as we do.
+assistant turn opened; `passage_first` swaps the two, "<Document>: p\\n<Query>: q"). The
+sentence-transformers export (stages/search/export.py) writes the same pieces into the tokenizer's
+pair template, so CrossEncoder.predict tokenizes pairs exactly as we do.
 
 Sequences are right-padded and run without an attention mask: attention is causal, so a real token
 never sees the padding after it, and positions count from 0 as they do unpadded. A text longer than

@@ -13,11 +13,12 @@ template, and the files stay readable by older versions (which ignore the key).
 Reranker (`CrossEncoder(dir)`, sentence-transformers >= 5.4): modules.json = Transformer
 (text-generation) -> 1_LogitScore(yes, no) with the activation Identity, so predict() returns
 logit_yes - logit_no, our score; tokenizer.json's pair template is PREFIX $A MIDDLE $B SUFFIX
-(PREFIX $B MIDDLE $A SUFFIX for a passage-first prompt) with the reranker's own token pieces (stages/search/encode.py), so a (query, passage) pair is tokenized exactly
-as we do it. `seq-cls/` is the same model as Qwen3ForSequenceClassification with one label whose
-weight is lm_head[yes] - lm_head[no] (the form of tomaarsen/Qwen3-Reranker-0.6B-seq-cls), for
-sentence-transformers before 5.4 and for servers that read sequence classifiers: its score is the
-same number. The chat template is left out of both tokenizer configs for the same reason as above.
+(PREFIX $B MIDDLE $A SUFFIX for a passage-first prompt) with the reranker's own token pieces
+(stages/search/encode.py), so a (query, passage) pair is tokenized exactly as we do it. `seq-cls/`
+is the same model as Qwen3ForSequenceClassification with one label whose weight is lm_head[yes] -
+lm_head[no] (the form of tomaarsen/Qwen3-Reranker-0.6B-seq-cls), for sentence-transformers before
+5.4 and for servers that read sequence classifiers: its score is the same number. The chat
+template is left out of both tokenizer configs for the same reason as above.
 """
 from __future__ import annotations
 

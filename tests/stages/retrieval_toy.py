@@ -63,8 +63,8 @@ _BUILT: dict[str, dict[str, Path]] = {}
 
 SMALL_RETRIEVAL = {"max_chars": 300, "max_eval_queries": 40}
 SMALL_EMBED = {"max_steps": 8, "batch_size": 16, "instruction": "Query:", "warmup_steps": 2, "log_every": 4}
-SMALL_RERANK = {"max_steps": 4, "easy_steps": 2, "batch_size": 4, "depth": 5, "first_stage_depth": 20, "instruction": "Relevant?",
-                "warmup_steps": 1, "log_every": 2}
+SMALL_RERANK = {"max_steps": 4, "easy_steps": 2, "batch_size": 4, "depth": 5, "first_stage_depth": 20,
+                "instruction": "Relevant?", "warmup_steps": 1, "log_every": 2}
 
 
 def built(modules: tuple[str, ...] = tuple(MODULES[:14])) -> dict[str, Path]:

@@ -29,10 +29,12 @@ def test_easy_negatives_are_never_the_positive_or_relevant():
 
     row = {"id": "q1", "positive": "p1"}
     qrels = {"q1": {"p1": 1, "p2": 1, "p3": 0}}
-    got = rerank.easy_negatives(row, qrels, ["p1", "p2", "p3", "p4"], 50, random.Random(0))
+    ids = ["p1", "p2", "p3", "p4"]
+    got = rerank.easy_negatives(row, qrels, ids, 50, random.Random(0))
     assert len(got) == 50 and set(got) == {"p3", "p4"}  # p3 is judged not relevant: a fair negative
-    assert got == rerank.easy_negatives(row, qrels, ["p1", "p2", "p3", "p4"], 50, random.Random(0))  # a resume draws the same
-    assert rerank.easy_negatives(row, qrels, ["p1", "p2"], 3, random.Random(0)) == []  # none left: the stage uses its pool
+    assert got == rerank.easy_negatives(row, qrels, ids, 50, random.Random(0))  # a resume draws the same
+    # none left: the stage falls back to its pool
+    assert rerank.easy_negatives(row, qrels, ["p1", "p2"], 3, random.Random(0)) == []
 
 
 def test_scores_with_the_shared_system_turn_cached_equal_the_full_forward():
@@ -115,7 +117,8 @@ def test_a_passage_first_prompt_exports_with_its_order(tmp_path):
     ids = prompt.ids(tok.encode("heap"), tok.encode("Push item."), 64)
     assert tok.decode(ids).index("<Document>: Push item.") < tok.decode(ids).index("<Query>: heap")
     export_reranker(model, out, tmp_path / "hf", prompt, 64)
-    pairs = [("How to encode JSON?", "json.dumps(obj) Serialize obj to a JSON formatted str."), ("heap", "Push item onto heap.")]
+    pairs = [("How to encode JSON?", "json.dumps(obj) Serialize obj to a JSON formatted str."),
+             ("heap", "Push item onto heap.")]
     ours = rerank_scores(model, prompt, [q for q, _ in pairs], [p for _, p in pairs], 64)
     theirs = st.CrossEncoder(str(tmp_path / "hf"), device="cpu", local_files_only=True).predict(pairs)
     assert torch.allclose(ours, torch.tensor(theirs, dtype=torch.float), atol=1e-4)
