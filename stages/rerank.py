@@ -104,8 +104,8 @@ class Config(TrainConfig):
                      "coverage_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.bce_weight < 0 or self.max_len < 0 or not 0 <= self.abstain_quantile < 1:
-            raise ValueError("bce_weight and max_len must be >= 0 and abstain_quantile in [0, 1)")
+        if self.bce_weight < 0 or self.max_len < 0 or self.easy_steps < 0 or not 0 <= self.abstain_quantile < 1:
+            raise ValueError("bce_weight, max_len and easy_steps must be >= 0 and abstain_quantile in [0, 1)")
         if self.depth > self.first_stage_depth:
             raise ValueError(f"depth ({self.depth}) must be <= first_stage_depth ({self.first_stage_depth})")
 
