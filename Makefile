@@ -7,6 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 RECIPE  ?= tiny
 ARGS    ?=
+JOBS    ?= 2
 
 .PHONY: setup run test bench clean-venv
 
@@ -32,8 +33,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/family run --recipe $(RECIPE) $(ARGS)
 
+# two pytest-xdist workers (JOBS=0: one process); worksteal hands a free worker the queued tests of a busy one
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.overhead
