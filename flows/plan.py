@@ -15,7 +15,9 @@ from typing import Any
 
 from flows.recipe import Recipe, RecipeError
 from storage.artifacts import ArtifactStore, Published
-from storage.fingerprint import _module_digest, code_hash, code_modules, files_hash, fingerprint
+from storage.fingerprint import (
+    _module_digest, code_hash, code_modules, files_hash, fingerprint, save_digest_cache, use_digest_cache,
+)
 from storage.home import Home
 
 
@@ -86,6 +88,7 @@ def make_plan(
         if value is not None and value not in recipe.stages:
             raise RecipeError(f"{flag} {value}: recipe {recipe.name} has no such stage (stages: {', '.join(recipe.stages)})")
     store = ArtifactStore(home)
+    use_digest_cache(home.state / "code_digests.json")
     forced = (set(recipe.downstream(force_from)) if force_from else set()) | set(refresh)
     forced -= set(done)
     selected = set(recipe.stages)
@@ -159,6 +162,7 @@ def make_plan(
             outputs.update({o: a.fingerprint for o, a in published.artifacts().items()})
 
     # a stage that is not selected but whose output a selected stage needs must already exist
+    save_digest_cache()
     for name, p in plans.items():
         if p.action != "run":
             continue

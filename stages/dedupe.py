@@ -68,19 +68,21 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasketch import LeanMinHash, MinHashLSH
 
 from stages.contract import StageContext, StageError, StageResult, main
 from stages.text.minhash import ShingleSpec, jaccard, parallel_text_keys
 from storage import parquet
 from storage.artifacts import Artifact
+
+if TYPE_CHECKING:  # datasketch is imported where it is used: it pulls scipy in (~0.7 s), and every
+    from datasketch import LeanMinHash, MinHashLSH  # `family` command imports this module for its Config
 
 INPUTS = ("docs",)
 OUTPUTS = ("docs_dedup", "dedupe_excluded")
@@ -204,6 +206,8 @@ def near_duplicate_clusters(
     new_sigs: (N, num_perm) uint32; `lsh` may already hold earlier kept docs, all present in
     `shingles` and `rank`. Returns the clusters and the number of candidate pairs checked.
     """
+    from datasketch import LeanMinHash
+
     minhashes = [LeanMinHash(seed=seed, hashvalues=s, scheme="affine32") for s in new_sigs]
     with lsh.insertion_session() as session:
         for key, mh in zip(new_ids, minhashes):
@@ -328,6 +332,8 @@ class RedisIndex:
         self.prefix = f"family-dedupe:{digest}:"
 
     def lsh(self) -> MinHashLSH:
+        from datasketch import MinHashLSH
+
         storage = {"type": "redis", "redis": self.params, "basename": f"{self.prefix}lsh".encode()}
         return MinHashLSH(num_perm=self.cfg.num_perm, params=(self.cfg.bands, self.cfg.rows), storage_config=storage)
 
@@ -350,6 +356,8 @@ class RedisIndex:
 
     def save(self, prev: dict[str, list], keep_prev: list[int], new: dict[str, list]) -> None:
         """Drop the replaced documents, add the new kept ones (LSH entries for those with shingles)."""
+        from datasketch import LeanMinHash
+
         kept = {prev["id"][j] for j in keep_prev}
         gone = [key for key in prev["id"] if key not in kept]
         lsh = self.lsh()
@@ -399,6 +407,8 @@ def _excluded_row(doc: dict[str, Any], reason: str, detail: str) -> dict[str, An
 
 
 def run(cfg: Config, inputs: dict[str, Artifact], ctx: StageContext) -> StageResult:
+    from datasketch import LeanMinHash, MinHashLSH
+
     docs_path = Path(inputs["docs"].path)
     try:
         table = parquet.read_table(docs_path, "docs")

@@ -8,6 +8,13 @@ The code hash covers the stage's module and, transitively, every project module 
 hashes the parsed syntax tree, so comments and formatting do not invalidate a cache but any change in
 behaviour does. Nothing machine-specific (absolute paths, host names) goes in: moving the home or the
 checkout keeps every cache.
+
+Parsing ~80 modules costs ~1.7 s, which every `family` command that plans would pay: `use_digest_cache`
+keeps each module's digest and imports in a JSON file (the home's state/code_digests.json), reused
+while the file's inode, size, mtime and ctime are unchanged (a write to a file always moves its ctime,
+which no tool can set back). As git does with its index ("racy git"), a file changed in the last two
+seconds is not cached: file times tick in milliseconds, so a second write in the same tick could
+otherwise keep the first write's times.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import ast
 import hashlib
 import importlib.util
 import json
+import os
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -53,17 +62,70 @@ def _imported_modules(tree: ast.AST, package: str) -> set[str]:
     return found
 
 
+# module -> [path, inode, size, mtime_ns, ctime_ns, digest, imported modules]: see use_digest_cache
+_disk: dict[str, list] = {}
+_disk_path: Path | None = None
+_disk_dirty = False
+RACY_NS = 2_000_000_000  # a file changed this recently (ns) is parsed every time, not cached
+
+
+def use_digest_cache(path: Path) -> None:
+    """Read (once per path) and from now on keep module digests in `path`; a missing or damaged file
+    is an empty cache. `save_digest_cache` writes it back."""
+    global _disk, _disk_path, _disk_dirty
+    if _disk_path == path:
+        return
+    _disk_path, _disk_dirty = path, False
+    try:
+        loaded = json.loads(path.read_text())
+        _disk = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError):
+        _disk = {}
+
+
+def save_digest_cache() -> None:
+    """Write the digest cache if it learned something: atomically (a concurrent writer's entries may
+    be lost, never mixed), and silently not at all where its folder is missing or read-only."""
+    global _disk_dirty
+    if _disk_path is None or not _disk_dirty or not _disk_path.parent.is_dir():
+        return
+    tmp = _disk_path.with_name(f"{_disk_path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(_disk, sort_keys=True))
+        os.replace(tmp, _disk_path)
+        _disk_dirty = False
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _parsed(module: str, path: Path, package: str) -> tuple[str, list[str]]:
+    """(sha256 of the syntax tree, the modules it imports from project code or from its own
+    top-level package: a user stage's helper modules), from the digest cache when the file is unchanged."""
+    global _disk_dirty
+    st = path.stat()
+    key = [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    hit = _disk.get(module)
+    if isinstance(hit, list) and len(hit) == 7 and hit[:5] == key and isinstance(hit[5], str) and isinstance(hit[6], list):
+        return hit[5], [m for m in hit[6] if isinstance(m, str)]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    roots = set(PROJECT_PACKAGES) | {module.split(".")[0]}
+    imported = sorted(m for m in _imported_modules(tree, package) if m.split(".")[0] in roots)
+    digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    if _disk_path is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+        _disk[module] = [*key, digest, imported]
+        _disk_dirty = True
+    return digest, imported
+
+
 @lru_cache(maxsize=None)
 def _module_digest(module: str) -> tuple[str, frozenset[str]]:
     path = _module_file(module)
     if path is None:
         return "", frozenset()
-    tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    # project code, plus the module's own top-level package (a user stage's helper modules)
-    roots = set(PROJECT_PACKAGES) | {module.split(".")[0]}
-    deps = {m for m in _imported_modules(tree, package) if m.split(".")[0] in roots and _module_file(m)}
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest(), frozenset(deps)
+    digest, imported = _parsed(module, path, package)
+    roots = set(PROJECT_PACKAGES) | {module.split(".")[0]}  # (again: find_spec imports a module's parents)
+    return digest, frozenset(m for m in imported if m.split(".")[0] in roots and _module_file(m))
 
 
 def code_hash(module: str) -> str:

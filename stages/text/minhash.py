@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
-from datasketch import MinHash
 
 from stages.text.normalize import simplify_text
 from stages.text.workers import worker_pool
@@ -97,6 +96,8 @@ def text_keys(texts: Sequence[str], spec: ShingleSpec) -> TextKeys:
     A text without shingles gets an all-max signature; callers must not index it (it would match
     every other empty text).
     """
+    from datasketch import MinHash  # here, not at the top: it pulls scipy in, and every `family` command imports this module
+
     simplified = [simplify_text(t) for t in texts]
     norm_hashes = [hashlib.md5(s.encode()).hexdigest() for s in simplified]
     shingles = [_shingles_of_simplified(s, spec) for s in simplified]

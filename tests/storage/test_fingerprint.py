@@ -1,6 +1,7 @@
 """Fingerprints change exactly when config, inputs or code change, and never with the home's path."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 
@@ -59,3 +60,50 @@ def test_code_hash_has_no_absolute_paths(fake_pkg, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(moved))
     fpmod.clear_cache()
     assert code_hash("fakestage.stage") == h0
+
+
+@pytest.fixture
+def own_digest_cache(monkeypatch):
+    """This test's own digest cache state (the process may hold a home's)."""
+    monkeypatch.setattr(fpmod, "_disk_path", None)
+    monkeypatch.setattr(fpmod, "_disk", {})
+    monkeypatch.setattr(fpmod, "_disk_dirty", False)
+
+
+def test_the_digest_cache_reuses_unchanged_files_and_reparses_changed_ones(fake_pkg, tmp_path, monkeypatch, own_digest_cache):
+    h0 = code_hash("fakestage.stage")  # no cache
+    monkeypatch.setattr(fpmod, "RACY_NS", -1)  # the fixture's files were written just now: cache them anyway
+    cache = tmp_path / "code_digests.json"
+    fpmod.clear_cache()
+    fpmod.use_digest_cache(cache)
+    assert code_hash("fakestage.stage") == h0
+    fpmod.save_digest_cache()
+    saved = json.loads(cache.read_text())
+    assert {"fakestage.stage", "fakestage.helper", "storage.parquet"} <= saved.keys()
+
+    # the next process reads the file back and trusts an entry while its file's stat is unchanged
+    saved["fakestage.helper"][5] = "0" * 64  # a digest only the cache can give
+    cache.write_text(json.dumps(saved))
+    monkeypatch.setattr(fpmod, "_disk_path", None)
+    fpmod.clear_cache()
+    fpmod.use_digest_cache(cache)
+    assert code_hash("fakestage.stage") != h0, "the entry of an unchanged file must be used"
+
+    (fake_pkg / "helper.py").write_text("def f(x):\n    return x + 1\n\n")  # the same code, one more byte
+    fpmod.clear_cache()
+    assert code_hash("fakestage.stage") == h0, "a changed file must be parsed again"
+
+    cache.write_text("{not json")  # a damaged cache is an empty one
+    monkeypatch.setattr(fpmod, "_disk_path", None)
+    fpmod.clear_cache()
+    fpmod.use_digest_cache(cache)
+    assert code_hash("fakestage.stage") == h0
+
+
+def test_a_file_changed_in_the_last_seconds_is_not_cached(fake_pkg, tmp_path, own_digest_cache):
+    """File times tick in milliseconds: a second write in the same tick as the first could keep its
+    times, so a just-written file is parsed every time (git's "racy git" rule)."""
+    fpmod.clear_cache()
+    fpmod.use_digest_cache(tmp_path / "code_digests.json")
+    code_hash("fakestage.stage")
+    assert "fakestage.helper" not in fpmod._disk and "fakestage.stage" not in fpmod._disk
