@@ -10,7 +10,12 @@ interleaved so machine noise hits every run alike:
   hf:            transformers' generate on the same weights exported by models.hf_export (Qwen3ForCausalLM,
                  its own dynamic cache and SDPA); skipped with a note when transformers is missing.
 Time is the whole call (prefill included); tokens/s = batch * new tokens / time, median over rounds.
-The outputs are checked to be token-identical across the three. Last line: one JSON object.
+The outputs are checked to be token-identical across the three.
+Sampling (GRPO's rollouts, evaluate's pass@k): one draw per row from (128, 4096) probabilities, our
+models.generate.draw (the row's CDF inverted at one uniform) against torch.multinomial (one
+exponential per vocabulary entry), interleaved, median ms per call; and the total-variation distance
+of 200,000 draws of each from a fixed 6-token distribution (sampling noise alone: ~0.003).
+Last line: one JSON object.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import time
 
 import torch
 
-from models.generate import generate
+from models.generate import draw, generate
 from models.gpt import GPT, GPTConfig
 from models.hf_export import export_hf
 
@@ -107,7 +112,35 @@ def main() -> None:
             line += f" | HF generate {tps['hf']:,.0f} tok/s (ours x{figures[f'ratio_cache_vs_hf_b{B}']:.2f})"
         print(line)
     print(f"outputs identical across runs: {identical}")
+    figures.update(sampling(args.repeats, device))
+    print(f"sampling (128, 4096): draw {figures['draw_ms_b128']:.2f} ms, torch.multinomial "
+          f"{figures['multinomial_ms_b128']:.2f} ms (x{figures['ratio_multinomial_vs_draw']:.1f}); total variation "
+          f"from the true distribution {figures['draw_tv']:.4f} vs {figures['multinomial_tv']:.4f}")
     print(json.dumps(figures))
+
+
+def sampling(repeats: int, device: torch.device) -> dict[str, float]:
+    g = torch.Generator(device=device).manual_seed(0)
+    probs = (torch.randn(128, 4096, generator=g, device=device) * 3).softmax(-1)
+    samplers = {"draw": lambda p: draw(p, g), "multinomial": lambda p: torch.multinomial(p, 1, generator=g).squeeze(-1)}
+    ms: dict[str, list[float]] = {k: [] for k in samplers}
+    for f in samplers.values():
+        f(probs)
+    for _ in range(repeats):
+        for name, f in samplers.items():
+            t0 = time.perf_counter()
+            for _ in range(20):
+                f(probs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms[name].append((time.perf_counter() - t0) / 20 * 1000)
+    true = torch.tensor([0.05, 0.5, 0.0, 0.15, 0.25, 0.05], device=device)
+    out = {f"{k}_ms_b128": round(statistics.median(v), 3) for k, v in ms.items()}
+    out["ratio_multinomial_vs_draw"] = round(out["multinomial_ms_b128"] / out["draw_ms_b128"], 2)
+    for name, f in samplers.items():
+        freq = torch.bincount(f(true.repeat(200_000, 1)), minlength=len(true)).double() / 200_000
+        out[f"{name}_tv"] = round(0.5 * float((freq - true.double()).abs().sum()), 4)
+    return out
 
 
 if __name__ == "__main__":

@@ -32,8 +32,24 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) probabilities -> (B,) one draw per row, by inverting the row's CDF at one uniform:
+    the first index whose cumulative probability exceeds u * total (in float64). A token of
+    probability 0 (cut by top-k / top-p) is never drawn. torch.multinomial draws the same
+    distribution through argmax(p / Exp(1)), one exponential per vocabulary entry: at B = 128, V =
+    4096 that is ~13 ms a decode step on this CPU, against ~0.5 ms here (`python -m bench.generate`)."""
+    cdf = probs.double().cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    # cdf[i - 1] <= u * total < cdf[i], so p[i] > 0: a token without mass is never the answer
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # (B,)
+    over = idx >= probs.shape[-1]  # u * total rounded up to the total: the last token with mass
+    if bool(over.any()):
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+        idx = torch.where(over, last, idx)
+    return idx
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

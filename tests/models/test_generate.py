@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.generate import generate, sample_next, stream_generate
+from models.generate import draw, generate, sample_next, stream_generate
 from models.gpt import GPT, GPTConfig
 
 V = 61
@@ -100,3 +100,22 @@ def test_stream_generate_yields_the_greedy_tokens_then_stops(model):
     assert list(stream_generate(model, p, 15)) == full
     stop = full[5]
     assert list(stream_generate(model, p, 15, stop_ids=(stop,))) == full[:full.index(stop)]
+
+
+def test_draw_follows_the_distribution_and_never_draws_a_token_without_mass():
+    probs = torch.tensor([0.05, 0.5, 0.0, 0.15, 0.3, 0.0])
+    g = torch.Generator().manual_seed(0)
+    drawn = draw(probs.repeat(100_000, 1), g)
+    freq = torch.bincount(drawn, minlength=6).double() / 100_000
+    assert freq[2] == 0 and freq[5] == 0
+    assert (freq - probs.double()).abs().max() < 0.01  # 4 standard errors of the largest share
+    assert torch.equal(draw(probs.repeat(50, 1), torch.Generator().manual_seed(7)),
+                       draw(probs.repeat(50, 1), torch.Generator().manual_seed(7)))
+
+
+def test_draw_at_the_top_of_the_cdf_takes_the_last_token_with_mass(monkeypatch):
+    """A uniform of (almost) 1 times the row's total can round up to the total: the answer is then the
+    last token with probability, not an index past the vocabulary or a token cut by top-k."""
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(a[0], 1, dtype=torch.float64))
+    probs = torch.tensor([[0.2, 0.8, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    assert draw(probs).tolist() == [1, 3]
