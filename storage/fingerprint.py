@@ -99,8 +99,8 @@ def save_digest_cache() -> None:
 
 
 def _parsed(module: str, path: Path, package: str) -> tuple[str, list[str]]:
-    """(sha256 of the syntax tree, the modules it imports from project code or from its own
-    top-level package: a user stage's helper modules), from the digest cache when the file is unchanged."""
+    """(sha256 of the syntax tree, every module it imports), from the digest cache when the file is
+    unchanged."""
     global _disk_dirty
     st = path.stat()
     key = [str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
@@ -108,8 +108,7 @@ def _parsed(module: str, path: Path, package: str) -> tuple[str, list[str]]:
     if isinstance(hit, list) and len(hit) == 7 and hit[:5] == key and isinstance(hit[5], str) and isinstance(hit[6], list):
         return hit[5], [m for m in hit[6] if isinstance(m, str)]
     tree = ast.parse(path.read_text(), filename=str(path))
-    roots = set(PROJECT_PACKAGES) | {module.split(".")[0]}
-    imported = sorted(m for m in _imported_modules(tree, package) if m.split(".")[0] in roots)
+    imported = sorted(_imported_modules(tree, package))
     digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
     if _disk_path is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
         _disk[module] = [*key, digest, imported]
@@ -124,7 +123,9 @@ def _module_digest(module: str) -> tuple[str, frozenset[str]]:
         return "", frozenset()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     digest, imported = _parsed(module, path, package)
-    roots = set(PROJECT_PACKAGES) | {module.split(".")[0]}  # (again: find_spec imports a module's parents)
+    # project code, plus the module's own top-level package (a user stage's helper modules); the root
+    # test comes first because find_spec imports a module's parents
+    roots = set(PROJECT_PACKAGES) | {module.split(".")[0]}
     return digest, frozenset(m for m in imported if m.split(".")[0] in roots and _module_file(m))
 
 
