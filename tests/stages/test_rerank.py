@@ -37,6 +37,25 @@ def test_easy_negatives_are_never_the_positive_or_relevant():
     assert rerank.easy_negatives(row, qrels, ["p1", "p2"], 3, random.Random(0)) == []
 
 
+def test_copy_gain_is_zero_without_context_and_log_v_for_a_perfect_copier():
+    V, span, gap = 50, 6, 8
+    texts = [[(7 * i + j) % V for j in range(10)] for i in range(5)]
+
+    def uniform(x):
+        return torch.zeros(*x.shape, V)
+
+    def copier(x):  # certain of the next token wherever it is a repeat of the span, uniform elsewhere
+        out = torch.zeros(*x.shape, V)
+        for b in range(x.shape[0]):
+            for t in range(span + gap, x.shape[1] - 1):
+                out[b, t, x[b, t + 1]] = 100.0
+        return out
+
+    assert rerank.copy_gain(uniform, texts, span, gap, n=3) == pytest.approx(0.0, abs=1e-6)
+    assert rerank.copy_gain(copier, texts, span, gap, n=3) == pytest.approx(math.log(V), rel=1e-3)
+    assert math.isnan(rerank.copy_gain(uniform, [[1, 2]], span, gap))  # no text long enough
+
+
 def test_scores_with_the_shared_system_turn_cached_equal_the_full_forward():
     from models.gpt import GPT
     from models.tokenizer import Tokenizer
@@ -56,7 +75,7 @@ def test_stage_reports_reranked_and_first_stage_and_a_threshold():
     out = built()["reranker"]
     metrics = json.loads((out / "meta.json").read_text())["metrics"]
     for k in ("ndcg@10", "first_stage_ndcg@10", "delta_rerank_first_stage_ndcg@10_lo", "threshold", "abstain_offtopic",
-              "reorders", "val_ndcg@10", "val_first_stage_ndcg@10"):
+              "reorders", "val_ndcg@10", "val_first_stage_ndcg@10", "base_copy_gain"):
         assert k in metrics, k
     settings = json.loads((out / "reranker.json").read_text())
     assert settings["depth"] == 5 and settings["threshold"] == metrics["threshold"]
